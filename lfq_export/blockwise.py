@@ -1,0 +1,360 @@
+"""Block-wise PTQ with the LFQ final block.
+
+For block k (in order): the student input is the quantized trajectory (outputs of the already
+quantized blocks), the target is the FP block k on the FP trajectory. Blocks 0..L−2 minimise the
+block-output MSE; the last block minimises the soft cross-entropy between the FP model's token
+distribution and the quantized model's through the frozen final norm and LM head (`lfq_loss`),
+unless `final_loss="mse"` (the base method, for ablation).
+
+Only one block's weights are materialised at a time (streamed from the checkpoint), and the
+calibration activations at one block boundary are kept: the FP and the quantized trajectory, each
+updated in place. A finished block is written to the run directory at once, so an interrupted run
+restarts at the first unfinished block; per-block seeds make the resumed codes identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .activations import ActivationStore
+from .errors import OptimisationError
+from .grids import Grid
+from .lfq_loss import CEStats, LogitHead, chunked_soft_ce_backward
+from .methods import LinearQuantizer, MethodConfig, get_method
+from .model_io import ModelSource
+from .record import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BlockSettings", "BlockResult", "BlockRunner", "QuantLinear"]
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """Settings of the block-wise engine.
+
+    Attributes:
+        method: rtn, omniquant, flexround or blockap.
+        final_loss: `ce` (LFQ) or `mse` for the last block.
+        block_cfg / final_cfg: optimisation schedule of blocks 0..L−2 and of the last block.
+        seed: base seed; block k uses `seed · 1_000_003 + k`.
+        ce_chunk_tokens: tokens per logit chunk in the LFQ loss.
+        compute_dtype: autocast dtype of block forwards during optimisation (bf16 is 2–3× faster on
+            AVX-512-BF16 CPUs; the exported weights are exact either way).
+    """
+
+    method: str = "rtn"
+    final_loss: str = "ce"
+    block_cfg: MethodConfig = field(default_factory=lambda: MethodConfig(iters=0, lr=0.0))
+    final_cfg: MethodConfig = field(default_factory=lambda: MethodConfig(iters=0, lr=0.0))
+    seed: int = 0
+    ce_chunk_tokens: int = 1024
+    compute_dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class BlockResult:
+    """What one block produced: its quantized tensors and the report entry."""
+
+    quantized: dict[str, QuantizedTensor]
+    fp: dict[str, torch.Tensor]
+    report: dict[str, Any]
+
+
+class QuantLinear(nn.Module):
+    """A linear whose weight is its learner's exact fake-quantized weight."""
+
+    def __init__(self, linear: nn.Linear, learner: LinearQuantizer):
+        super().__init__()
+        self.learner = learner
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.learner.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _layer_kwargs(source: ModelSource, skeleton: nn.Module, embed: nn.Module, seqlen: int) -> list[dict[str, Any]]:
+    """The keyword arguments the model passes to each decoder layer for a `[1, seqlen]` input
+    (rotary cos/sin, causal mask, position ids), captured by running the model shell with the
+    layers replaced by recorders. They broadcast over the batch dimension."""
+    inner = skeleton.get_submodule(source.adapter.blocks.rsplit(".", 1)[0])
+    captured: list[dict[str, Any]] = []
+
+    class _Recorder(nn.Module):
+        def __init__(self, real: nn.Module):
+            super().__init__()
+            self.attention_type = getattr(real, "attention_type", "full_attention")
+
+        def forward(self, hidden_states, **kwargs):
+            captured.append(kwargs)
+            return hidden_states
+
+    layers, norm, emb, rot = inner.layers, inner.norm, inner.embed_tokens, inner.rotary_emb
+    inner.layers = nn.ModuleList(_Recorder(layer) for layer in layers)
+    inner.norm = nn.Identity()
+    inner.embed_tokens = embed
+    inner.rotary_emb = type(rot)(config=source.config)
+    try:
+        with torch.no_grad():
+            inner(input_ids=torch.zeros(1, seqlen, dtype=torch.long), use_cache=False)
+    finally:
+        inner.layers, inner.norm, inner.embed_tokens, inner.rotary_emb = layers, norm, emb, rot
+    for kw in captured:
+        kw["use_cache"] = False
+        kw["past_key_values"] = None
+    return captured
+
+
+class BlockRunner:
+    """Runs block-wise PTQ over a model source for one quantization plan.
+
+    Usage: `runner.run(calib_ids, grids_by_block, done_blocks, on_block_done)`."""
+
+    def __init__(self, source: ModelSource, settings: BlockSettings, act_dtype: torch.dtype = torch.float32,
+                 offload_dir=None, device: str = "cpu", progress: bool = True):
+        self.source = source
+        self.s = settings
+        self.act_dtype = act_dtype
+        self.offload_dir = offload_dir
+        self.device = torch.device(device)
+        self.progress = progress
+        self.adapter = source.adapter
+
+    # ---- modules -----------------------------------------------------------------------------
+    def _embedding(self, skeleton: nn.Module) -> nn.Module:
+        emb = self.adapter.get_embedding(skeleton)
+        return self.source.load_module(emb, self.adapter.embedding + ".")
+
+    def _logit_head(self, skeleton: nn.Module) -> LogitHead:
+        norm = self.source.load_module(self.adapter.get_final_norm(skeleton), self.adapter.final_norm + ".")
+        head_w = self.source.tensor(f"{self.adapter.lm_head}.weight").float()
+        bias_name = f"{self.adapter.lm_head}.bias"
+        head_b = self.source.tensor(bias_name) if bias_name in self.source.weight_map else None
+        return LogitHead(norm, head_w, head_b).to(self.device)
+
+    def _fp_block(self, skeleton: nn.Module, k: int) -> nn.Module:
+        block = self.adapter.get_blocks(skeleton)[k]
+        return self.source.load_module(block, self.adapter.block_prefix(k)).to(self.device).eval()
+
+    # ---- the run -----------------------------------------------------------------------------
+    def run(
+        self,
+        calib_ids: torch.Tensor | None,
+        grids: dict[int, dict[str, Grid]],
+        done: dict[int, dict[str, QuantizedTensor]],
+        on_block_done: Callable[[int, BlockResult], None],
+    ) -> None:
+        """Quantize every block in order. `grids[k]` maps full module names to grids; `done[k]`
+        holds the tensors of blocks already finished by an earlier (interrupted) run."""
+        skeleton = self.source.skeleton()
+        n = self.source.n_layers
+        needs_data = self.s.method != "rtn" and calib_ids is not None
+        if not needs_data:
+            for k in tqdm(range(n), desc="RTN", unit="block", disable=not self.progress):
+                if k in done:
+                    continue
+                block = self._fp_block(skeleton, k)
+                on_block_done(k, self._quantize_rtn(block, k, grids.get(k, {})))
+                self.adapter.get_blocks(skeleton)[k] = block.to("meta")
+            return
+        self._run_with_data(skeleton, calib_ids, grids, done, on_block_done)
+
+    def _quantize_rtn(self, block: nn.Module, k: int, grids: dict[str, Grid]) -> BlockResult:
+        t0 = time.perf_counter()
+        prefix = self.adapter.block_prefix(k)
+        learners = {name: get_method("rtn")(block.get_submodule(name[len(prefix):]).weight, g, self.s.block_cfg)
+                    for name, g in grids.items()}
+        quantized = self._finalize(block, prefix, learners)
+        return BlockResult(quantized, self._fp_tensors(block, prefix, quantized),
+                           {"index": k, "method": "rtn", "seconds": time.perf_counter() - t0})
+
+    def _run_with_data(self, skeleton, calib_ids, grids, done, on_block_done) -> None:
+        ns, seqlen = calib_ids.shape
+        hidden = int(self.source.config.hidden_size)
+        embed = self._embedding(skeleton)
+        layer_kwargs = _layer_kwargs(self.source, skeleton, embed, seqlen)
+        layer_kwargs = [_to_device(kw, self.device) for kw in layer_kwargs]
+        fp = ActivationStore((ns, seqlen, hidden), self.act_dtype, self.offload_dir)
+        qt = ActivationStore((ns, seqlen, hidden), self.act_dtype, self.offload_dir)
+        with torch.no_grad():
+            for i in range(ns):
+                e = embed(calib_ids[i : i + 1])
+                fp.set(slice(i, i + 1), e)
+                qt.set(slice(i, i + 1), e)
+        del embed
+        head = None
+        n = self.source.n_layers
+        try:
+            for k in tqdm(range(n), desc=self.s.method, unit="block", disable=not self.progress):
+                kw = layer_kwargs[k]
+                block = self._fp_block(skeleton, k)
+                self._propagate(block, kw, fp)  # fp now holds the FP target of block k
+                prefix = self.adapter.block_prefix(k)
+                if k in done:  # finished by an earlier run: reuse its exact weights
+                    _apply_exact(block, prefix, done[k])
+                else:
+                    if k == n - 1 and self.s.final_loss == "ce":
+                        head = self._logit_head(skeleton)
+                    on_block_done(k, self._optimise_block(block, k, grids.get(k, {}), kw, qt, fp, head))
+                self._propagate(block, kw, qt)
+                self.adapter.get_blocks(skeleton)[k] = block.to("meta")
+        finally:
+            fp.close()
+            qt.close()
+
+    def _propagate(self, block: nn.Module, kw: dict[str, Any], store: ActivationStore) -> None:
+        """Replace `store` by `block(store)`, sample by sample (in place: samples are independent)."""
+        with torch.no_grad():
+            for i in range(len(store)):
+                x = store.get(slice(i, i + 1)).to(self.device)
+                store.set(slice(i, i + 1), block(x, **kw).cpu())
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def _optimise_block(self, block: nn.Module, k: int, grids: dict[str, Grid], kw: dict[str, Any],
+                        q_in: ActivationStore, target: ActivationStore, head: LogitHead | None) -> BlockResult:
+        """Learn block k's quantization: MSE to the FP output, or (head given) LFQ soft CE."""
+        t0 = time.perf_counter()
+        prefix = self.adapter.block_prefix(k)
+        cfg = self.s.final_cfg if k == self.source.n_layers - 1 else self.s.block_cfg
+        block.requires_grad_(False)
+        method = get_method(self.s.method)
+        learners: dict[str, LinearQuantizer] = {}
+        originals: dict[str, nn.Module] = {}
+        for name, grid in grids.items():
+            rel = name[len(prefix):]
+            lin = block.get_submodule(rel)
+            learners[name] = method(lin.weight, grid, cfg).to(self.device)
+            originals[rel] = lin
+            _set_submodule(block, rel, QuantLinear(lin, learners[name]))
+        eval_idx = list(range(min(len(q_in), _EVAL_SAMPLES)))
+        before = self._evaluate(block, kw, q_in, target, head, eval_idx)
+        losses = self._train(block, k, kw, q_in, target, head, learners, cfg) if learners and cfg.iters > 0 else []
+        for rel, lin in originals.items():
+            _set_submodule(block, rel, lin)
+        quantized = self._finalize(block, prefix, learners)
+        after = self._evaluate(block, kw, q_in, target, head, eval_idx)
+        report = {
+            "index": k,
+            "method": self.s.method,
+            "loss": "ce" if head is not None else "mse",
+            "iters": cfg.iters if learners else 0,
+            "lr": cfg.lr,
+            "init": before,
+            "final": after,
+            "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return BlockResult(quantized, self._fp_tensors(block, prefix, quantized), report)
+
+    def _train(self, block, k, kw, q_in, target, head, learners, cfg: MethodConfig) -> list[float]:
+        groups = [g for lrn in learners.values() for g in lrn.param_groups(cfg) if g["params"]]
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
+        # cosine decay to lr/20 (EfficientQAT's schedule; FlexRound and OmniQuant use a similar one)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda it: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / max(cfg.iters, 1))))
+        gen = torch.Generator().manual_seed(self.s.seed * 1_000_003 + k)
+        ns, bs = len(q_in), max(1, min(cfg.batch_size, len(q_in)))
+        order: list[int] = []
+        losses: list[float] = []
+        bar = tqdm(range(cfg.iters), desc=f"block {k}", unit="it", leave=False, disable=not self.progress)
+        for it in bar:
+            if len(order) < bs:
+                order += torch.randperm(ns, generator=gen).tolist()
+            idx, order = order[:bs], order[bs:]
+            x = q_in.get(idx).to(self.device)
+            y_fp = target.get(idx).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.s.compute_dtype, enabled=self.s.compute_dtype != torch.float32):
+                y = block(x, **kw)
+            if head is not None:
+                loss, _ = chunked_soft_ce_backward(head, y.float(), y_fp, chunk_tokens=self.s.ce_chunk_tokens)
+            else:
+                loss = F.mse_loss(y.float(), y_fp)
+                loss.backward()
+            value = float(loss)
+            if not math.isfinite(value) or _has_bad_grad(learners):
+                raise OptimisationError(
+                    f"block {k}: the loss became {value} at iteration {it}; blocks 0..{k - 1} are saved. "
+                    "Lower --lr (or --final-lr) and run again with --resume")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            losses.append(value)
+            if it % 10 == 0 or it == cfg.iters - 1:
+                bar.set_postfix(loss=f"{value:.4g}")
+        return losses
+
+    @torch.no_grad()
+    def _evaluate(self, block, kw, q_in, target, head, idx: list[int]) -> dict[str, float]:
+        """Block MSE on `idx` samples, plus CE/KL/top-1 agreement through the head if given."""
+        mse, stats = 0.0, CEStats()
+        for i in idx:
+            y = block(q_in.get(slice(i, i + 1)).to(self.device), **kw).float()
+            t = target.get(slice(i, i + 1)).to(self.device)
+            mse += float(F.mse_loss(y, t))
+            if head is not None:
+                stats.add(chunked_soft_ce_backward(head, y, t, chunk_tokens=self.s.ce_chunk_tokens, backward=False)[1])
+        out = {"mse": mse / max(len(idx), 1)}
+        if head is not None:
+            out.update(stats.means())
+        return out
+
+    def _finalize(self, block: nn.Module, prefix: str, learners: dict[str, LinearQuantizer]) -> dict[str, QuantizedTensor]:
+        """Exact codes/params from each learner; the block's weights become the exact grid weights."""
+        out = {}
+        for name, learner in learners.items():
+            codes, params = learner.finalize()
+            lin = block.get_submodule(name[len(prefix):])
+            qt = QuantizedTensor(name, learner.grid, codes, params, str(lin.weight.dtype).replace("torch.", ""))
+            with torch.no_grad():
+                lin.weight.copy_(qt.dequantize())
+            out[name] = qt
+        return out
+
+    def _fp_tensors(self, block: nn.Module, prefix: str, quantized: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+        """The block's unquantized tensors (norms, biases, linears kept in FP), original dtype."""
+        qnames = {f"{n}.weight" for n in quantized}
+        return {n: self.source.tensor(n) for n in self.source.names_with_prefix(prefix) if n not in qnames}
+
+
+#: calibration samples on which each block's loss is reported before and after optimisation
+_EVAL_SAMPLES = 16
+
+
+def _set_submodule(root: nn.Module, rel: str, module: nn.Module) -> None:
+    parent, _, child = rel.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _has_bad_grad(learners: dict[str, LinearQuantizer]) -> bool:
+    return any(p.grad is not None and not torch.isfinite(p.grad).all()
+               for lrn in learners.values() for p in lrn.parameters())
+
+
+def _to_device(kw: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def mv(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, tuple):
+            return tuple(mv(x) for x in v)
+        return v
+
+    return {k: mv(v) for k, v in kw.items()}
+
+
+def _apply_exact(block: nn.Module, prefix: str, tensors: dict[str, QuantizedTensor]) -> None:
+    with torch.no_grad():
+        for name, qt in tensors.items():
+            block.get_submodule(name[len(prefix):]).weight.copy_(qt.dequantize())

@@ -1,0 +1,118 @@
+"""The four ways to choose one linear's codes and grid parameters.
+
+Every learner projects its parameters onto the grid's lattice with straight-through rounding
+(`Grid.project`) and quantizes with the grid's own `choose_codes` + `dequantize`, so it optimises
+*inside* the storage format.
+
+- `rtn`: round to nearest after min-max (or the grid's error-minimising search). No parameters.
+- `omniquant`: learnable weight clipping (LWC, OmniQuant ICLR'24): per group γ = σ(θ1), β = σ(θ2)
+  shrink the max and min; scale/zero follow from the clipped range.
+- `flexround`: learnable division (FlexRound ICML'23): `W_hat = s1·(round(W / (s1·S2·s3)) + z − z)`
+  with per-group s1 (the stored scale), element-wise S2 and per-output-channel s3, zero fixed at init.
+- `blockap`: Block-AP (EfficientQAT phase 1): learn the scale, the zero and the FP weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..grids import Grid, Params, fake_quantize
+from .base import LinearQuantizer, MethodConfig, register_method
+
+__all__ = ["RTNLearner", "OmniQuantLWC", "FlexRoundLearner", "BlockAPLearner"]
+
+
+def _group_view(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+    out, inn = w.shape
+    return w.reshape(out, inn // grid.group_size_for(inn), -1)
+
+
+@register_method("rtn")
+class RTNLearner(LinearQuantizer):
+    """Round to nearest: the grid's initialisation, nothing learned."""
+
+    def __init__(self, weight: torch.Tensor, grid: Grid, cfg: MethodConfig):
+        super().__init__(weight, grid)
+        self._params = grid.init_params(self.w_fp, search=cfg.rtn_search)
+
+    def current_params(self) -> Params:
+        return self._params
+
+    def fake_weight(self) -> torch.Tensor:
+        return fake_quantize(self.grid, self.w_fp, self._params)
+
+
+#: OmniQuant initialises the clipping logits at 4 (σ(4) ≈ 0.982: almost no clipping)
+_LWC_INIT = 4.0
+
+
+@register_method("omniquant")
+class OmniQuantLWC(LinearQuantizer):
+    """Learnable weight clipping: `[β·min, γ·max]` is mapped onto the grid's code range."""
+
+    def __init__(self, weight: torch.Tensor, grid: Grid, cfg: MethodConfig):
+        super().__init__(weight, grid)
+        wg = _group_view(self.w_fp, grid)
+        self.register_buffer("wmax", wg.amax(-1), persistent=False)
+        self.register_buffer("wmin", wg.amin(-1), persistent=False)
+        self.gamma_logit = nn.Parameter(torch.full_like(self.wmax, _LWC_INIT))
+        self.beta_logit = nn.Parameter(torch.full_like(self.wmin, _LWC_INIT))
+
+    def current_params(self) -> Params:
+        hi = torch.sigmoid(self.gamma_logit) * self.wmax
+        lo = torch.sigmoid(self.beta_logit) * self.wmin
+        return self.grid.project(*self.grid.scale_zero_from_range(lo, hi))
+
+    def fake_weight(self) -> torch.Tensor:
+        return fake_quantize(self.grid, self.w_fp, self.current_params())
+
+
+@register_method("flexround")
+class FlexRoundLearner(LinearQuantizer):
+    """Learnable division scales; the zero point stays at its initial value."""
+
+    def __init__(self, weight: torch.Tensor, grid: Grid, cfg: MethodConfig):
+        super().__init__(weight, grid)
+        init = grid.init_params(self.w_fp, search=True)
+        s, z = grid.effective(init)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        self.log_s1 = nn.Parameter(safe.log())  # per group: the stored scale
+        self.log_S2 = nn.Parameter(torch.zeros_like(self.w_fp))  # element-wise
+        self.log_s3 = nn.Parameter(torch.zeros(self.w_fp.shape[0], 1))  # per output channel
+        self.register_buffer("zero0", None if grid.symmetric else z.clone(), persistent=False)
+
+    def current_params(self) -> Params:
+        return self.grid.project(self.log_s1.exp(), self.zero0)
+
+    def divisor(self) -> torch.Tensor:
+        return (self.log_S2 + self.log_s3).exp()
+
+    def fake_weight(self) -> torch.Tensor:
+        return fake_quantize(self.grid, self.w_fp, self.current_params(), self.divisor())
+
+
+@register_method("blockap")
+class BlockAPLearner(LinearQuantizer):
+    """Block-AP: scale, zero and the weights themselves are trained (two learning rates)."""
+
+    def __init__(self, weight: torch.Tensor, grid: Grid, cfg: MethodConfig):
+        super().__init__(weight, grid)
+        init = grid.init_params(self.w_fp, search=cfg.rtn_search)
+        s, z = grid.effective(init)
+        self.scale = nn.Parameter(s.clone())
+        self.zero = None if grid.symmetric else nn.Parameter(z.clone())
+        self.weight = nn.Parameter(self.w_fp.clone())
+
+    def current_params(self) -> Params:
+        return self.grid.project(self.scale, self.zero)
+
+    def source_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def param_groups(self, cfg: MethodConfig) -> list[dict]:
+        quant = [self.scale] + ([self.zero] if self.zero is not None else [])
+        return [{"params": quant, "lr": cfg.lr}, {"params": [self.weight], "lr": cfg.weight_lr}]
+
+    def fake_weight(self) -> torch.Tensor:
+        return fake_quantize(self.grid, self.weight, self.current_params())
