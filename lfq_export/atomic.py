@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,17 +29,36 @@ def os_error_message(e: OSError, path: Path | str) -> str:
     return f"{path}: cannot write ({e.strerror or e})"
 
 
+def _embedded_os_error(e: BaseException) -> OSError | None:
+    """Libraries written in Rust/C (safetensors, onnx) report I/O failures as their own exception
+    types with "(os error N)" in the message; recover the OSError so it gets a clear message."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"os error (\d+)", str(e))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def check_output_path(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless `overwrite`, and an unwritable parent, before any compute."""
+    """Refuse an existing output unless `overwrite`, and an unwritable location, before any compute.
+
+    Writability is probed by creating a file (permission bits say nothing for root)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
-    parent = path.resolve().parent
-    probe = parent
+    probe = path.absolute().parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"{parent}: output directory is not writable")
+    if not probe.is_dir():
+        raise OutputError(f"{probe}: is a file, not a directory; choose another output location")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lfq-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise OutputError(f"{path.absolute().parent}: output directory is not writable ({e.strerror})") from None
 
 
 def _tmp_name(dest: Path) -> Path:
@@ -84,11 +105,11 @@ def atomic_dir(dest: Path, overwrite: bool = False, check: Callable[[Path], None
         if check is not None:
             check(tmp)
         _replace(tmp, dest, overwrite)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(os_error_message(e, dest)) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        oe = _embedded_os_error(e)
+        if oe is not None:
+            raise OutputError(os_error_message(oe, dest)) from None
         raise
 
 
@@ -108,9 +129,9 @@ def atomic_file(dest: Path, overwrite: bool = False, check: Callable[[Path], Non
         if check is not None:
             check(tmp)
         _replace(tmp, dest, overwrite)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(os_error_message(e, dest)) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        oe = _embedded_os_error(e)
+        if oe is not None:
+            raise OutputError(os_error_message(oe, dest)) from None
         raise

@@ -283,11 +283,10 @@ class BlockRunner:
             else:
                 loss = F.mse_loss(y.float(), y_fp)
                 loss.backward()
-            value = float(loss)
+            value = float(loss.detach())
             if not math.isfinite(value) or _has_bad_grad(learners):
                 raise OptimisationError(
-                    f"block {k}: the loss became {value} at iteration {it}; blocks 0..{k - 1} are saved. "
-                    "Lower --lr (or --final-lr) and run again with --resume")
+                    f"block {k}: the loss became {value} at iteration {it} (lower --lr or --final-lr)")
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()

@@ -40,9 +40,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_format_options(p: argparse.ArgumentParser) -> None:
     from .formats_api import get_format, registered_formats
 
+    before = {a.dest for a in p._actions}
     for name in registered_formats():
         group = p.add_argument_group(f"{name} options")
         get_format(name).add_cli_options(group)
+    p.set_defaults(_format_dests=sorted({a.dest for a in p._actions} - before))
 
 
 def _add_quantize(sub) -> None:
@@ -186,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- commands ----------------------------------------------------------------------------------
 def _format_options(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"func", "command", "debug", "progress"}
-    return {k: v for k, v in vars(args).items() if k not in skip}
+    """Only the options the format modules declared (their `add_cli_options`)."""
+    return {k: getattr(args, k) for k in getattr(args, "_format_dests", [])}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

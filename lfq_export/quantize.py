@@ -24,7 +24,7 @@ from . import __version__
 from .atomic import check_output_path, os_error_message
 from .blockwise import BlockResult, BlockRunner, BlockSettings
 from .calibration import load_calibration, parse_calib
-from .errors import CalibrationError, OutputError, RecordError, SchemeError
+from .errors import CalibrationError, OptimisationError, OutputError, RecordError, SchemeError
 from .formats_api import get_format
 from .methods import METHODS, MethodConfig
 from .model_io import ModelSource, copy_tokenizer_files, resolve_model
@@ -56,7 +56,10 @@ METHOD_DEFAULTS: dict[str, tuple[int, float, int, float]] = {
     "blockap": (100, 1e-3, 2, 1e-4),  # official: 2 epochs × 4096, quant_lr 1e-4, weight_lr 1e-5
 }
 
-_SETTINGS_IGNORED_ON_RESUME = ("resume", "overwrite", "progress", "offload_dir", "device")
+_SETTINGS_IGNORED_ON_RESUME = ("resume", "overwrite", "progress", "offload_dir", "device", "export_options")
+#: schedule settings a resumed run may change (e.g. a lower lr after a NaN); recorded in the report
+_SCHEDULE_SETTINGS = ("iters", "lr", "final_iters", "final_lr", "batch_size", "weight_lr", "compute_dtype",
+                      "act_dtype", "ce_chunk_tokens")
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,13 @@ def quantize(model: str, out: Path | str, options: QuantizeOptions = QuantizeOpt
         read_manifest(p.out)  # a finished run: nothing to do but exports
         log.info("%s is already complete", p.out)
     else:
-        _run(p)
+        try:
+            _run(p)
+        except (OutputError, OptimisationError) as e:
+            if p.work.is_dir():  # keep finished blocks for --resume, and say so
+                raise type(e)(f"{e}; finished blocks are kept in {p.work}: run the same command with --resume "
+                              "(or --overwrite to start over)") from None
+            raise
         _finish(p, time.perf_counter() - t_start)
     record = QuantizedModel.load(p.out)
     for fmt_name in options.formats:
@@ -217,10 +226,19 @@ def _start_or_resume(p: Prepared) -> tuple[dict[str, Any], dict[int, dict[str, Q
     opts = p.options
     if opts.resume and p.work.is_dir():
         manifest = read_manifest(p.work)
-        if manifest["report"].get("settings") != _jsonable(opts.fingerprint()):
-            raise RecordError(f"{p.work}: was started with different settings; resume with the same command, "
-                              "or pass --overwrite to start over")
-        return manifest, _load_done_blocks(p.work, manifest)
+        old, new = manifest["report"].get("settings", {}), _jsonable(opts.fingerprint())
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        fixed = [k for k in changed if k not in _SCHEDULE_SETTINGS]
+        if fixed:
+            raise RecordError(f"{p.work}: was started with different settings ({', '.join(fixed)}); resume with the "
+                              "same command, or pass --overwrite to start over")
+        done = _load_done_blocks(p.work, manifest)
+        if changed:
+            log.warning("resuming with a changed schedule (%s) from block %d", ", ".join(changed), len(done))
+            manifest["report"].setdefault("resumed_with_changes", []).append(
+                {"from_block": len(done), "changes": {k: [old.get(k), new.get(k)] for k in changed}})
+            manifest["report"]["settings"] = new
+        return manifest, done
     if p.work.exists():
         shutil.rmtree(p.work)
     try:
@@ -276,12 +294,11 @@ def _load_done_blocks(work: Path, manifest: dict[str, Any]) -> dict[int, dict[st
 
 def _run(p: Prepared) -> None:
     opts = p.options
+    # calibration problems (too short, bad field) surface here, before anything is written
+    calib = _calibration(p) if opts.calib is not None and opts.method != "rtn" else None
     manifest, done = _start_or_resume(p)
     n = p.source.n_layers
     grids_by_block = {k: p.plan.block_grids(p.source.adapter.block_prefix(k)) for k in range(n)}
-    calib = None
-    if opts.calib is not None and opts.method != "rtn" and len(done) < n:
-        calib = _calibration(p)
     runner = BlockRunner(p.source, opts.block_settings(), act_dtype=_dtype(opts.act_dtype),
                          offload_dir=opts.offload_dir, device=opts.device, progress=opts.progress)
 
