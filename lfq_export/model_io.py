@@ -29,7 +29,7 @@ from torch import nn
 
 from .arch import ArchAdapter, adapter_for_config
 from .atomic import atomic_dir
-from .errors import InputError
+from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -342,12 +342,18 @@ def _gguf_to_hf(gguf_path: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{gguf_path}: transformers cannot load this GGUF ({e})") from None
+    # the weights are now plain float32: drop transformers' "gguf quantized" state so it saves them
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
-        (tmp / "lfq_source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
+    try:
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            (tmp / "lfq_source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
+    except OutputError:
+        if not (out / "config.json").is_file():  # not a concurrent conversion that finished first
+            raise
     return out
 
 

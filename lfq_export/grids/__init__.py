@@ -13,6 +13,7 @@ from .base import (
     ste_round,
 )
 from .affine import AFFINE_BITS, AFFINE_GROUPS, AffineGrid
+from .gguf import GGUF_GRIDS, GGUFQ2_K, GGUFQ3_K, GGUFQ4_0, GGUFQ4_1, GGUFQ4_K, GGUFQ5_0, GGUFQ5_1, GGUFQ5_K, GGUFQ6_K, GGUFQ8_0
 
 __all__ = [
     "FP16_MIN_NORMAL",
@@ -28,4 +29,15 @@ __all__ = [
     "AFFINE_BITS",
     "AFFINE_GROUPS",
     "AffineGrid",
+    "GGUF_GRIDS",
+    "GGUFQ4_0",
+    "GGUFQ4_1",
+    "GGUFQ5_0",
+    "GGUFQ5_1",
+    "GGUFQ8_0",
+    "GGUFQ2_K",
+    "GGUFQ3_K",
+    "GGUFQ4_K",
+    "GGUFQ5_K",
+    "GGUFQ6_K",
 ]

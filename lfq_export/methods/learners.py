@@ -76,14 +76,17 @@ class FlexRoundLearner(LinearQuantizer):
         super().__init__(weight, grid)
         init = grid.init_params(self.w_fp, search=True)
         s, z = grid.effective(init)
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        self.log_s1 = nn.Parameter(safe.log())  # per group: the stored scale
+        # GGUF's symmetric types put the largest weight on the longer side of the code range, so their
+        # scale may be negative: learn log|s1| and keep the sign
+        self.register_buffer("sign", torch.where(s < 0, -1.0, 1.0), persistent=False)
+        mag = s.abs()
+        self.log_s1 = nn.Parameter(torch.where(mag > 0, mag, torch.ones_like(mag)).log())  # per group
         self.log_S2 = nn.Parameter(torch.zeros_like(self.w_fp))  # element-wise
         self.log_s3 = nn.Parameter(torch.zeros(self.w_fp.shape[0], 1))  # per output channel
         self.register_buffer("zero0", None if grid.symmetric else z.clone(), persistent=False)
 
     def current_params(self) -> Params:
-        return self.grid.project(self.log_s1.exp(), self.zero0)
+        return self.grid.project(self.sign * self.log_s1.exp(), self.zero0)
 
     def divisor(self) -> torch.Tensor:
         return (self.log_S2 + self.log_s3).exp()
