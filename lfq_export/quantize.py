@@ -51,9 +51,12 @@ __all__ = ["QuantizeOptions", "METHOD_DEFAULTS", "quantize", "prepare", "partial
 #: (iters per block, lr, batch size, weight lr)
 METHOD_DEFAULTS: dict[str, tuple[int, float, int, float]] = {
     "rtn": (0, 0.0, 1, 0.0),
-    "omniquant": (100, 1e-2, 2, 0.0),  # official: 20 epochs × 128 samples, lwc_lr 1e-2, AdamW wd 0
-    "flexround": (100, 3e-3, 2, 0.0),  # official: 5000 iters, w_lr 3e-3 (W4), Adam, cosine
-    "blockap": (100, 1e-3, 2, 1e-4),  # official: 2 epochs × 4096, quant_lr 1e-4, weight_lr 1e-5
+    # official: 20 epochs × 128 samples (2560 steps), lwc_lr 1e-2, AdamW wd 0 → 5× the lr for 100 steps
+    "omniquant": (100, 5e-2, 2, 0.0),
+    # official: 5000 iters, w_lr 3e-3 (W4) / 2.5e-3 (W3), Adam, cosine → ~3× the lr for 100 steps
+    "flexround": (100, 1e-2, 2, 0.0),
+    # official: 2 epochs × 4096 samples, quant_lr 1e-4, weight_lr 1e-5 → 30× both for 100 steps
+    "blockap": (100, 3e-3, 2, 3e-4),
 }
 
 _SETTINGS_IGNORED_ON_RESUME = ("resume", "overwrite", "progress", "offload_dir", "device", "export_options")
