@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .activations import ActivationStore
 from .errors import OptimisationError
 from .grids import Grid
-from .lfq_loss import CEStats, LogitHead, chunked_soft_ce_backward
+from .lfq_loss import CEStats, LogitHead, chunked_soft_ce_backward, teacher_log_probs
 from .methods import LinearQuantizer, MethodConfig, get_method
 from .model_io import ModelSource
 from .record import QuantizedTensor
@@ -51,6 +51,9 @@ class BlockSettings:
         ce_chunk_tokens: tokens per logit chunk in the LFQ loss.
         compute_dtype: autocast dtype of block forwards during optimisation (bf16 is 2–3× faster on
             AVX-512-BF16 CPUs; the exported weights are exact either way).
+        teacher_cache_gb: cache the FP model's log-probabilities of every calibration token (fp16) for
+            the LFQ block when they fit in this many GB (and in half the free memory): one logit matmul
+            fewer per step. 0 disables it.
     """
 
     method: str = "rtn"
@@ -60,6 +63,7 @@ class BlockSettings:
     seed: int = 0
     ce_chunk_tokens: int = 1024
     compute_dtype: torch.dtype = torch.float32
+    teacher_cache_gb: float = 4.0
 
 
 @dataclass
@@ -240,12 +244,14 @@ class BlockRunner:
             originals[rel] = lin
             _set_submodule(block, rel, QuantLinear(lin, learners[name]))
         eval_idx = list(range(min(len(q_in), _EVAL_SAMPLES)))
-        before = self._evaluate(block, kw, q_in, target, head, eval_idx)
-        losses = self._train(block, k, kw, q_in, target, head, learners, cfg) if learners and cfg.iters > 0 else []
+        teacher = self._teacher_cache(head, target) if head is not None else None
+        before = self._evaluate(block, kw, q_in, target, head, eval_idx, teacher)
+        losses = (self._train(block, k, kw, q_in, target, head, learners, cfg, teacher)
+                  if learners and cfg.iters > 0 else [])
         for rel, lin in originals.items():
             _set_submodule(block, rel, lin)
         quantized = self._finalize(block, prefix, learners)
-        after = self._evaluate(block, kw, q_in, target, head, eval_idx)
+        after = self._evaluate(block, kw, q_in, target, head, eval_idx, teacher)
         report = {
             "index": k,
             "method": self.s.method,
@@ -260,7 +266,26 @@ class BlockRunner:
         }
         return BlockResult(quantized, self._fp_tensors(block, prefix, quantized), report)
 
-    def _train(self, block, k, kw, q_in, target, head, learners, cfg: MethodConfig) -> list[float]:
+    def _teacher_cache(self, head: LogitHead, target: ActivationStore) -> torch.Tensor | None:
+        """fp16 log p_FP of every calibration token, if it fits the budget (else None: recomputed per step)."""
+        import psutil
+
+        ns, seqlen, _ = target.shape
+        need = ns * seqlen * head.weight.shape[0] * 2
+        budget = min(self.s.teacher_cache_gb * 2**30, psutil.virtual_memory().available / 2)
+        if need > budget:
+            log.info("LFQ teacher cache needs %.1f GB > budget %.1f GB: recomputing teacher logits per step",
+                     need / 2**30, budget / 2**30)
+            return None
+        cache = torch.empty(ns, seqlen, head.weight.shape[0], dtype=torch.float16)
+        step = _forward_batch(target)
+        for a in range(0, ns, step):
+            sl = slice(a, min(a + step, ns))
+            cache[sl] = teacher_log_probs(head, target.get(sl).to(self.device), self.s.ce_chunk_tokens).cpu()
+        return cache
+
+    def _train(self, block, k, kw, q_in, target, head, learners, cfg: MethodConfig,
+               teacher: torch.Tensor | None = None) -> list[float]:
         groups = [g for lrn in learners.values() for g in lrn.param_groups(cfg) if g["params"]]
         opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
         # cosine decay to lr/20 (EfficientQAT's schedule; FlexRound and OmniQuant use a similar one)
@@ -280,7 +305,9 @@ class BlockRunner:
             with torch.autocast(self.device.type, dtype=self.s.compute_dtype, enabled=self.s.compute_dtype != torch.float32):
                 y = block(x, **kw)
             if head is not None:
-                loss, _ = chunked_soft_ce_backward(head, y.float(), y_fp, chunk_tokens=self.s.ce_chunk_tokens)
+                loss, _ = chunked_soft_ce_backward(
+                    head, y.float(), y_fp, chunk_tokens=self.s.ce_chunk_tokens, stats=False,
+                    teacher_logp=None if teacher is None else teacher[idx].to(self.device), grad_dtype=torch.bfloat16)
             else:
                 loss = F.mse_loss(y.float(), y_fp)
                 loss.backward()
@@ -297,7 +324,7 @@ class BlockRunner:
         return losses
 
     @torch.no_grad()
-    def _evaluate(self, block, kw, q_in, target, head, idx: list[int]) -> dict[str, float]:
+    def _evaluate(self, block, kw, q_in, target, head, idx: list[int], teacher=None) -> dict[str, float]:
         """Block MSE on `idx` samples, plus CE/KL/top-1 agreement through the head if given."""
         sq, n, stats = 0.0, 0, CEStats()
         step = _forward_batch(q_in)
@@ -308,7 +335,9 @@ class BlockRunner:
             sq += float(F.mse_loss(y, t, reduction="sum"))
             n += t.numel()
             if head is not None:
-                stats.add(chunked_soft_ce_backward(head, y, t, chunk_tokens=self.s.ce_chunk_tokens, backward=False)[1])
+                tl = None if teacher is None else teacher[sl].to(self.device)
+                stats.add(chunked_soft_ce_backward(head, y, t, chunk_tokens=self.s.ce_chunk_tokens, backward=False,
+                                                   teacher_logp=tl)[1])
         out = {"mse": sq / max(n, 1)}
         if head is not None:
             out.update(stats.means())

@@ -97,3 +97,71 @@ def build_synthetic_model(
             if (Path(tok) / f).is_file():
                 shutil.copy2(Path(tok) / f, out_dir / f)
     return out_dir
+
+
+def write_random_checkpoint(
+    family: str,
+    out_dir: Path,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    vocab_size: int = 512,
+    tokenizer_dir: Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = 2 << 30,
+    seed: int = 0,
+    init_std: float = 0.02,
+) -> Path:
+    """Write a random model of any size tensor by tensor (never the whole model in memory).
+
+    Used to show that quantization memory stays flat in the number of blocks (tools/bench_memory.py).
+    Shards are `model-0000k-of-0000n.safetensors` with an index, like a hub checkpoint."""
+    import json
+
+    import transformers
+    from safetensors.torch import save_file
+
+    cfg_cls = getattr(transformers, FAMILY_CONFIGS[family][0])
+    model_cls = getattr(transformers, FAMILY_CONFIGS[family][1])
+    config = cfg_cls(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                     num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, vocab_size=vocab_size,
+                     max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        skeleton = model_cls(config)
+    shapes = {n: tuple(p.shape) for n, p in skeleton.state_dict().items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    written: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        save_file(current, str(out_dir / f"shard-{len(written)}.safetensors"))
+        written.append(list(current))
+
+    for name, shape in shapes.items():
+        t = (torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * init_std).to(dtype)
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    flush()
+    weight_map = {}
+    for i, keys in enumerate(written):
+        name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        (out_dir / f"shard-{i}.safetensors").rename(out_dir / name)
+        weight_map.update({k: name for k in keys})
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(str(out_dir))
+    tok = tokenizer_dir or default_tokenizer_dir()
+    if tok is not None:
+        for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tok) / f).is_file():
+                shutil.copy2(Path(tok) / f, out_dir / f)
+    return out_dir

@@ -55,6 +55,22 @@ def test_chunked_matches_unchunked_loss_and_grad(chunk):
     assert head.weight.grad is None and all(p.grad is None for p in head.norm.parameters())
 
 
+def test_cached_teacher_and_bf16_gradient_are_close():
+    from lfq_export.lfq_loss import teacher_log_probs
+
+    head = _head(d=32, v=300)
+    w = torch.randn(32, 32, requires_grad=True)
+    x, hf = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    ref, _ = chunked_soft_ce_backward(head, x @ w, hf, chunk_tokens=4)
+    g_ref = w.grad.clone()
+    w.grad = None
+    loss, _ = chunked_soft_ce_backward(head, x @ w, hf, chunk_tokens=4, teacher_logp=teacher_log_probs(head, hf),
+                                       grad_dtype=torch.bfloat16)
+    assert abs(float(loss) - float(ref)) < 1e-3 * float(ref)
+    cos = torch.nn.functional.cosine_similarity(w.grad.flatten(), g_ref.flatten(), dim=0)
+    assert cos > 0.999, cos
+
+
 @pytest.mark.parametrize("method", ["omniquant", "flexround", "blockap"])
 def test_gradients_reach_the_grid_parameters(method):
     torch.manual_seed(0)
