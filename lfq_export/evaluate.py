@@ -223,8 +223,8 @@ def evaluate_run(run: Path, options: EvalOptions, json_out: Path | None = None, 
     if not fp_spec:
         raise InputError(f"{run}: the run does not name its FP model; pass --fp MODEL")
     source = resolve_model(fp_spec, allow_pickle=bool(record.report.get("settings", {}).get("allow_pickle")))
-    tok_dir = record.tokenizer_dir or source.path
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    # the FP model's directory: its config.json makes transformers pick the same tokenizer class
+    tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     ref = FPReference.build(source.load_model(), tokenizer, options)
     result = {"run": str(run), "scheme": record.scheme,
               "method": record.report.get("settings", {}).get("method"),
