@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .activations import ActivationStore
 from .errors import OptimisationError
 from .grids import Grid
-from .lfq_loss import CEStats, LogitHead, chunked_soft_ce_backward, teacher_log_probs
+from .lfq_loss import CEStats, LogitHead, TeacherCache, chunked_soft_ce_backward
 from .methods import LinearQuantizer, MethodConfig, get_method
 from .model_io import ModelSource
 from .record import QuantizedTensor
@@ -54,6 +54,8 @@ class BlockSettings:
         teacher_cache_gb: cache the FP model's log-probabilities of every calibration token (fp16) for
             the LFQ block when they fit in this many GB (and in half the free memory): one logit matmul
             fewer per step. 0 disables it.
+        ce_token_fraction: each step, the LFQ loss uses this random fraction of the batch's tokens
+            (an unbiased estimate of the token-mean gradient at a fraction of the head's cost). 1.0 = all.
     """
 
     method: str = "rtn"
@@ -64,6 +66,7 @@ class BlockSettings:
     ce_chunk_tokens: int = 1024
     compute_dtype: torch.dtype = torch.float32
     teacher_cache_gb: float = 4.0
+    ce_token_fraction: float = 1.0
 
 
 @dataclass
@@ -266,26 +269,20 @@ class BlockRunner:
         }
         return BlockResult(quantized, self._fp_tensors(block, prefix, quantized), report)
 
-    def _teacher_cache(self, head: LogitHead, target: ActivationStore) -> torch.Tensor | None:
-        """fp16 log p_FP of every calibration token, if it fits the budget (else None: recomputed per step)."""
+    def _teacher_cache(self, head: LogitHead, target: ActivationStore) -> TeacherCache:
         import psutil
 
         ns, seqlen, _ = target.shape
-        need = ns * seqlen * head.weight.shape[0] * 2
         budget = min(self.s.teacher_cache_gb * 2**30, psutil.virtual_memory().available / 2)
-        if need > budget:
-            log.info("LFQ teacher cache needs %.1f GB > budget %.1f GB: recomputing teacher logits per step",
-                     need / 2**30, budget / 2**30)
-            return None
-        cache = torch.empty(ns, seqlen, head.weight.shape[0], dtype=torch.float16)
-        step = _forward_batch(target)
-        for a in range(0, ns, step):
-            sl = slice(a, min(a + step, ns))
-            cache[sl] = teacher_log_probs(head, target.get(sl).to(self.device), self.s.ce_chunk_tokens).cpu()
+        cache = TeacherCache(head, lambda idx: target.get(idx).to(self.device), ns, seqlen,
+                             self.s.ce_chunk_tokens, budget)
+        if not cache.enabled:
+            log.info("LFQ teacher cache would exceed %.1f GB: teacher logits are recomputed every step",
+                     budget / 2**30)
         return cache
 
     def _train(self, block, k, kw, q_in, target, head, learners, cfg: MethodConfig,
-               teacher: torch.Tensor | None = None) -> list[float]:
+               teacher: TeacherCache | None = None) -> list[float]:
         groups = [g for lrn in learners.values() for g in lrn.param_groups(cfg) if g["params"]]
         opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
         # cosine decay to lr/20 (EfficientQAT's schedule; FlexRound and OmniQuant use a similar one)
@@ -305,9 +302,18 @@ class BlockRunner:
             with torch.autocast(self.device.type, dtype=self.s.compute_dtype, enabled=self.s.compute_dtype != torch.float32):
                 y = block(x, **kw)
             if head is not None:
+                tl = teacher.get(idx) if teacher is not None else None
+                yq, yt = y.float().flatten(0, 1), y_fp.flatten(0, 1)
+                if tl is not None:
+                    tl = tl.flatten(0, 1)
+                if self.s.ce_token_fraction < 1.0:  # a random subset of the batch's tokens
+                    keep = max(1, int(round(self.s.ce_token_fraction * yq.shape[0])))
+                    sel = torch.randperm(yq.shape[0], generator=gen)[:keep]
+                    yq, yt, tl = yq[sel], yt[sel], None if tl is None else tl[sel]
                 loss, _ = chunked_soft_ce_backward(
-                    head, y.float(), y_fp, chunk_tokens=self.s.ce_chunk_tokens, stats=False,
-                    teacher_logp=None if teacher is None else teacher[idx].to(self.device), grad_dtype=torch.bfloat16)
+                    head, yq, yt, chunk_tokens=self.s.ce_chunk_tokens, stats=False,
+                    teacher_logp=None if tl is None else tl.to(self.device), grad_dtype=torch.bfloat16,
+                    logit_dtype=self.s.compute_dtype if self.s.compute_dtype == torch.bfloat16 else torch.float32)
             else:
                 loss = F.mse_loss(y.float(), y_fp)
                 loss.backward()
@@ -335,7 +341,8 @@ class BlockRunner:
             sq += float(F.mse_loss(y, t, reduction="sum"))
             n += t.numel()
             if head is not None:
-                tl = None if teacher is None else teacher[sl].to(self.device)
+                tl = None if teacher is None else teacher.get(sl)
+                tl = None if tl is None else tl.to(self.device)
                 stats.add(chunked_soft_ce_backward(head, y, t, chunk_tokens=self.s.ce_chunk_tokens, backward=False,
                                                    teacher_logp=tl)[1])
         out = {"mse": sq / max(n, 1)}
@@ -362,7 +369,7 @@ class BlockRunner:
 
 
 #: calibration samples on which each block's loss is reported before and after optimisation
-_EVAL_SAMPLES = 16
+_EVAL_SAMPLES = 8
 
 
 def _forward_batch(store: ActivationStore) -> int:

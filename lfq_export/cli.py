@@ -86,6 +86,10 @@ def _add_quantize(sub) -> None:
     o.add_argument("--weight-lr", type=float, default=None, help="Block-AP: learning rate of the weights")
     o.add_argument("--rtn-search", action="store_true", help="RTN: search the clipping that minimises weight MSE")
     o.add_argument("--ce-chunk-tokens", type=int, default=512, help="tokens per logit chunk in the LFQ loss")
+    o.add_argument("--ce-token-fraction", type=float, default=1.0,
+                   help="LFQ block: random fraction of each batch's tokens in the loss (unbiased, cheaper head)")
+    o.add_argument("--teacher-cache-gb", type=float, default=4.0,
+                   help="LFQ block: cache the FP model's log-probs of calibration tokens up to this size (0: off)")
     o.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="autocast dtype of block forwards while optimising (exported weights are exact either way)")
     s = p.add_argument_group("model handling")
@@ -209,7 +213,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, weight_lr=args.weight_lr, rtn_search=args.rtn_search,
         keep_head_fp=args.keep_head_fp, skip_unquantizable=args.skip_unquantizable, act_dtype=args.act_dtype,
         compute_dtype=args.compute_dtype, offload_dir=args.offload_dir, device=args.device,
-        ce_chunk_tokens=args.ce_chunk_tokens, allow_pickle=args.allow_pickle,
+        ce_chunk_tokens=args.ce_chunk_tokens, ce_token_fraction=args.ce_token_fraction,
+        teacher_cache_gb=args.teacher_cache_gb, allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, resume=args.resume,
         progress=args.progress, export_options=_format_options(args),
     )

@@ -62,7 +62,7 @@ METHOD_DEFAULTS: dict[str, tuple[int, float, int, float]] = {
 _SETTINGS_IGNORED_ON_RESUME = ("resume", "overwrite", "progress", "offload_dir", "device", "export_options")
 #: schedule settings a resumed run may change (e.g. a lower lr after a NaN); recorded in the report
 _SCHEDULE_SETTINGS = ("iters", "lr", "final_iters", "final_lr", "batch_size", "weight_lr", "compute_dtype",
-                      "act_dtype", "ce_chunk_tokens")
+                      "act_dtype", "ce_chunk_tokens", "ce_token_fraction", "teacher_cache_gb")
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ class QuantizeOptions:
     offload_dir: str | None = None
     device: str = "cpu"
     ce_chunk_tokens: int = 512
+    ce_token_fraction: float = 1.0
+    teacher_cache_gb: float = 4.0
     allow_pickle: bool = False
     trust_remote_code: bool = False
     overwrite: bool = False
@@ -114,6 +116,7 @@ class QuantizeOptions:
         return BlockSettings(
             method=self.method, final_loss=self.final_loss, block_cfg=base, final_cfg=final, seed=self.seed,
             ce_chunk_tokens=self.ce_chunk_tokens, compute_dtype=_dtype(self.compute_dtype),
+            teacher_cache_gb=self.teacher_cache_gb, ce_token_fraction=self.ce_token_fraction,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -171,6 +174,8 @@ def prepare(model: str, out: Path | str, options: QuantizeOptions) -> Prepared:
     out = Path(out)
     if options.method not in METHODS:
         raise SchemeError(f"unknown method {options.method!r}; known: {', '.join(sorted(METHODS))}")
+    if not 0.0 < options.ce_token_fraction <= 1.0:
+        raise SchemeError(f"--ce-token-fraction must be in (0, 1], not {options.ce_token_fraction}")
     if options.final_loss not in ("ce", "mse"):
         raise SchemeError(f"--final-loss must be ce or mse, not {options.final_loss!r}")
     _dtype(options.act_dtype), _dtype(options.compute_dtype)
@@ -349,6 +354,7 @@ def _write_nonblock(p: Prepared, manifest: dict[str, Any]) -> None:
         if name not in qnames:
             tensors[f"fp.{name}"] = src.tensor(name)
     write_tensors(p.work / NONBLOCK_FILE, tensors)
+    write_manifest(p.work, manifest)
 
 
 def _finish(p: Prepared, seconds: float) -> None:

@@ -185,7 +185,7 @@ def plan_quantization(
         except SchemeError as e:
             if not skip_unquantizable:
                 raise
-            kept_fp[name] = str(e).split(";")[0]
+            kept_fp[name] = str(e).split("; or pass --skip-unquantizable")[0]
             del grids[name]
     _check_formats(scheme, grids, ctx, adapters)
     return QuantPlan(scheme, grids, kept_fp, tuple(notes))

@@ -43,8 +43,11 @@ class RTNLearner(LinearQuantizer):
         return fake_quantize(self.grid, self.w_fp, self._params)
 
 
-#: OmniQuant initialises the clipping logits at 4 (σ(4) ≈ 0.982: almost no clipping)
+#: OmniQuant initialises the clipping logits at 4 (σ(4) ≈ 0.982: almost no clipping); used where a
+#: group's range is one-sided
 _LWC_INIT = 4.0
+#: largest initial clipping strength (logit ≈ 6.9): keeps the sigmoid's gradient alive
+_LWC_MAX = 0.999
 
 
 @register_method("omniquant")
@@ -56,8 +59,21 @@ class OmniQuantLWC(LinearQuantizer):
         wg = _group_view(self.w_fp, grid)
         self.register_buffer("wmax", wg.amax(-1), persistent=False)
         self.register_buffer("wmin", wg.amin(-1), persistent=False)
-        self.gamma_logit = nn.Parameter(torch.full_like(self.wmax, _LWC_INIT))
-        self.beta_logit = nn.Parameter(torch.full_like(self.wmin, _LWC_INIT))
+        gamma0, beta0 = self._initial_clipping(grid)
+        self.gamma_logit = nn.Parameter(torch.logit(gamma0))
+        self.beta_logit = nn.Parameter(torch.logit(beta0))
+
+    def _initial_clipping(self, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start from the clipping implied by the grid's searched RTN parameters rather than OmniQuant's
+        fixed σ(4) ≈ 0.98: for GGUF grids llama.cpp's search is far better than min-max (3× lower weight
+        MSE on Q4_K), and a learner that starts worse than RTN rarely recovers in a CPU schedule."""
+        s, z = grid.effective(grid.init_params(self.w_fp, search=True))
+        a, b = -z * s, (grid.qmax - z) * s  # the code range in weight units (s < 0 flips it)
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        default = torch.sigmoid(torch.tensor(_LWC_INIT))
+        gamma = torch.where(self.wmax > 0, hi / self.wmax.clamp(min=1e-30), default)
+        beta = torch.where(self.wmin < 0, lo / self.wmin.clamp(max=-1e-30), default)
+        return gamma.clamp(0.05, _LWC_MAX), beta.clamp(0.05, _LWC_MAX)
 
     def current_params(self) -> Params:
         hi = torch.sigmoid(self.gamma_logit) * self.wmax
