@@ -162,11 +162,12 @@ class BlockRunner:
         grids: dict[int, dict[str, Grid]],
         done: dict[int, dict[str, QuantizedTensor]],
         on_block_done: Callable[[int, BlockResult], None],
+        stop_after: int | None = None,
     ) -> None:
-        """Quantize every block in order. `grids[k]` maps full module names to grids; `done[k]`
-        holds the tensors of blocks already finished by an earlier (interrupted) run."""
+        """Quantize every block in order (or blocks 0..`stop_after`). `grids[k]` maps full module names to
+        grids; `done[k]` holds the tensors of blocks already finished by an earlier (interrupted) run."""
         skeleton = self.source.skeleton()
-        n = self.source.n_layers
+        n = self.source.n_layers if stop_after is None else min(stop_after + 1, self.source.n_layers)
         needs_data = self.s.method != "rtn" and calib_ids is not None
         if not needs_data:
             for k in tqdm(range(n), desc="RTN", unit="block", disable=not self.progress):
@@ -176,7 +177,7 @@ class BlockRunner:
                 on_block_done(k, self._quantize_rtn(block, k, grids.get(k, {})))
                 self.adapter.get_blocks(skeleton)[k] = block.to("meta")
             return
-        self._run_with_data(skeleton, calib_ids, grids, done, on_block_done)
+        self._run_with_data(skeleton, calib_ids, grids, done, on_block_done, n)
 
     def _quantize_rtn(self, block: nn.Module, k: int, grids: dict[str, Grid]) -> BlockResult:
         t0 = time.perf_counter()
@@ -187,7 +188,7 @@ class BlockRunner:
         return BlockResult(quantized, self._fp_tensors(block, prefix, quantized),
                            {"index": k, "method": "rtn", "seconds": time.perf_counter() - t0})
 
-    def _run_with_data(self, skeleton, calib_ids, grids, done, on_block_done) -> None:
+    def _run_with_data(self, skeleton, calib_ids, grids, done, on_block_done, n: int) -> None:
         ns, seqlen = calib_ids.shape
         hidden = int(self.source.config.hidden_size)
         embed = self._embedding(skeleton)
@@ -202,7 +203,6 @@ class BlockRunner:
                 qt.set(slice(i, i + 1), e)
         del embed
         head = None
-        n = self.source.n_layers
         try:
             for k in tqdm(range(n), desc=self.s.method, unit="block", disable=not self.progress):
                 kw = layer_kwargs[k]
@@ -212,7 +212,7 @@ class BlockRunner:
                 if k in done:  # finished by an earlier run: reuse its exact weights
                     _apply_exact(block, prefix, done[k])
                 else:
-                    if k == n - 1 and self.s.final_loss == "ce":
+                    if k == self.source.n_layers - 1 and self.s.final_loss == "ce":
                         head = self._logit_head(skeleton)
                     on_block_done(k, self._optimise_block(block, k, grids.get(k, {}), kw, qt, fp, head))
                 self._propagate(block, kw, qt)
@@ -355,10 +355,11 @@ class BlockRunner:
         out = {}
         for name, learner in learners.items():
             codes, params = learner.finalize()
+            codes, params = codes.cpu(), {k: v.cpu() for k, v in params.items()}
             lin = block.get_submodule(name[len(prefix):])
             qt = QuantizedTensor(name, learner.grid, codes, params, str(lin.weight.dtype).replace("torch.", ""))
             with torch.no_grad():
-                lin.weight.copy_(qt.dequantize())
+                lin.weight.copy_(qt.dequantize())  # (copies across devices)
             out[name] = qt
         return out
 

@@ -103,6 +103,9 @@ def _add_quantize(sub) -> None:
     s.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own code")
     s.add_argument("--overwrite", action="store_true", help="replace RUN_DIR (and an interrupted run) if present")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run at its first unfinished block")
+    s.add_argument("--stop-after-block", type=int, default=None, metavar="K",
+                   help="quantize blocks 0..K and stop (continue later with --resume; the last block's settings "
+                   "— --final-loss, --final-iters, --final-lr — may then still change, e.g. to compare them)")
     _add_format_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
@@ -216,10 +219,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ce_chunk_tokens=args.ce_chunk_tokens, ce_token_fraction=args.ce_token_fraction,
         teacher_cache_gb=args.teacher_cache_gb, allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, resume=args.resume,
-        progress=args.progress, export_options=_format_options(args),
+        progress=args.progress, stop_after_block=args.stop_after_block, export_options=_format_options(args),
     )
     out = quantize(args.model, args.out, opts)
-    print(f"wrote {out}")
+    if out != args.out:
+        print(f"stopped after block {args.stop_after_block}; continue with the same command and --resume")
+    else:
+        print(f"wrote {out}")
     return 0
 
 
@@ -262,9 +268,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_schemes(args: argparse.Namespace) -> int:
-    from .export import schemes_table
+    from .export import SCHEMES_FOOTNOTE, schemes_table
 
     print(schemes_table())
+    print(f"\n{SCHEMES_FOOTNOTE}")
     return 0
 
 

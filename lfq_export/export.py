@@ -11,7 +11,7 @@ from .errors import FormatError
 from .formats_api import detect_format, get_format, registered_formats
 from .record import QuantizedModel
 
-__all__ = ["export_run", "verify_export", "schemes_table"]
+__all__ = ["export_run", "verify_export", "schemes_table", "SCHEMES_FOOTNOTE"]
 
 
 def export_run(run: Path | str, fmt: str, out: Path | str, options: dict[str, Any] | None = None) -> Path:
@@ -59,16 +59,21 @@ def verify_export(path: Path | str, run: Path | str, options: dict[str, Any] | N
 
 def schemes_table() -> str:
     """Markdown table: scheme → formats that store it exactly (for `lfq-export schemes`)."""
-    from .schemes import list_schemes, resolve_scheme_grids
+    from .schemes import list_schemes, scheme_family
 
     fmts = registered_formats()
     lines = ["| scheme | " + " | ".join(fmts) + " |", "|---|" + "---|" * len(fmts)]
     for scheme in list_schemes():
-        grids = resolve_scheme_grids(scheme)
+        fam = scheme_family(scheme)
+        grids = fam.grids_of(scheme)
         cells = []
         for f in fmts:
             a = get_format(f)
             ok = all(a.supports(a.constrain(g)) is None for g in grids)
-            cells.append("yes" if ok else "—")
+            needs_fp_head = fam.quantizes_head(scheme) and not a.quantized_head
+            cells.append(("yes¹" if needs_fp_head else "yes") if ok else "—")
         lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+SCHEMES_FOOTNOTE = "¹ with `--keep-head-fp` (the format keeps the embedding and LM head unquantized)"

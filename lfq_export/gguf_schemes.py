@@ -303,4 +303,5 @@ register_scheme_family(SchemeFamily(
     resolve=_resolve,
     names=gguf_scheme_names,
     grids_of=lambda s: [gguf_grid(t) for t in scheme_types(s)],
+    quantizes_head=lambda s: True,
 ))

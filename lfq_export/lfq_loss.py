@@ -123,7 +123,7 @@ def soft_ce(head: LogitHead, h_q: torch.Tensor, h_fp: torch.Tensor, mask: torch.
     """Unchunked token-mean soft CE (reference implementation; differentiable in `h_q`)."""
     hq = h_q.reshape(-1, h_q.shape[-1])
     hf = h_fp.reshape(-1, h_fp.shape[-1]).to(hq.dtype)
-    m = torch.ones(hq.shape[0]) if mask is None else mask.reshape(-1).float()
+    m = torch.ones(hq.shape[0], device=hq.device) if mask is None else mask.reshape(-1).float()
     ce, _, _ = _chunk_terms(head, hq, hf, m)
     return ce.sum() / m.sum().clamp(min=1)
 
@@ -157,7 +157,7 @@ def chunked_soft_ce_backward(
     flat_tl = None if teacher_logp is None else teacher_logp.reshape(-1, teacher_logp.shape[-1])
     w_g = head.weight_as(grad_dtype) if backward else None
     w_z = head.weight_as(logit_dtype)
-    m = torch.ones(flat_q.shape[0]) if mask is None else mask.reshape(-1).float()
+    m = torch.ones(flat_q.shape[0], device=flat_q.device) if mask is None else mask.reshape(-1).float()
     n_valid = m.sum().clamp(min=1)
     leaf = flat_q.detach().requires_grad_(backward)
     out = CEStats(tokens=float(m.sum()))

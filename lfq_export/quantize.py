@@ -60,6 +60,9 @@ METHOD_DEFAULTS: dict[str, tuple[int, float, int, float]] = {
 }
 
 _SETTINGS_IGNORED_ON_RESUME = ("resume", "overwrite", "progress", "offload_dir", "device", "export_options")
+#: settings that only affect the last block: a resumed run may change them while that block is unfinished
+_FINAL_BLOCK_SETTINGS = ("final_loss", "final_iters", "final_lr", "ce_token_fraction", "teacher_cache_gb",
+                         "stop_after_block")
 #: schedule settings a resumed run may change (e.g. a lower lr after a NaN); recorded in the report
 _SCHEDULE_SETTINGS = ("iters", "lr", "final_iters", "final_lr", "batch_size", "weight_lr", "compute_dtype",
                       "act_dtype", "ce_chunk_tokens", "ce_token_fraction", "teacher_cache_gb")
@@ -99,6 +102,7 @@ class QuantizeOptions:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    stop_after_block: int | None = None
     export_options: dict[str, Any] = field(default_factory=dict)
 
     def block_settings(self) -> BlockSettings:
@@ -213,12 +217,16 @@ def quantize(model: str, out: Path | str, options: QuantizeOptions = QuantizeOpt
         log.info("%s is already complete", p.out)
     else:
         try:
-            _run(p)
+            complete = _run(p)
         except (OutputError, OptimisationError) as e:
             if p.work.is_dir():  # keep finished blocks for --resume, and say so
                 raise type(e)(f"{e}; finished blocks are kept in {p.work}: run the same command with --resume "
                               "(or --overwrite to start over)") from None
             raise
+        if not complete:
+            log.info("stopped after block %d: %s holds the finished blocks; continue with --resume",
+                     options.stop_after_block, p.work)
+            return p.work
         _finish(p, time.perf_counter() - t_start)
     record = QuantizedModel.load(p.out)
     for fmt_name in options.formats:
@@ -236,7 +244,9 @@ def _start_or_resume(p: Prepared) -> tuple[dict[str, Any], dict[int, dict[str, Q
         manifest = read_manifest(p.work)
         old, new = manifest["report"].get("settings", {}), _jsonable(opts.fingerprint())
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        fixed = [k for k in changed if k not in _SCHEDULE_SETTINGS]
+        done_blocks = {b["index"] for b in manifest["report"]["blocks"]}
+        final_open = p.source.n_layers - 1 not in done_blocks
+        fixed = [k for k in changed if k not in _SCHEDULE_SETTINGS and not (final_open and k in _FINAL_BLOCK_SETTINGS)]
         if fixed:
             raise RecordError(f"{p.work}: was started with different settings ({', '.join(fixed)}); resume with the "
                               "same command, or pass --overwrite to start over")
@@ -300,7 +310,8 @@ def _load_done_blocks(work: Path, manifest: dict[str, Any]) -> dict[int, dict[st
     return done
 
 
-def _run(p: Prepared) -> None:
+def _run(p: Prepared) -> bool:
+    """Quantize the blocks and the non-block tensors; False if stopped early (--stop-after-block)."""
     opts = p.options
     # calibration problems (too short, bad field) surface here, before anything is written
     calib = _calibration(p) if opts.calib is not None and opts.method != "rtn" else None
@@ -322,8 +333,11 @@ def _run(p: Prepared) -> None:
         manifest["report"]["blocks"] = [b for b in manifest["report"]["blocks"] if b["index"] != k] + [result.report]
         write_manifest(p.work, manifest)
 
-    runner.run(calib, grids_by_block, done, on_block_done)
+    runner.run(calib, grids_by_block, done, on_block_done, stop_after=opts.stop_after_block)
+    if opts.stop_after_block is not None and opts.stop_after_block < n - 1:
+        return False
     _write_nonblock(p, manifest)
+    return True
 
 
 def _calibration(p: Prepared) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .grids import AffineGrid, Grid
 
 __all__ = [
     "resolve_scheme_grids",
+    "scheme_family",
     "SchemeContext",
     "QuantPlan",
     "plan_quantization",
@@ -91,12 +92,14 @@ class SchemeFamily:
         resolve: name, context → (module name → grid, notes for the report).
         names: the names to list in help and the schemes table.
         grids_of: name → the distinct grids it may use (model-independent; for capability tables).
+        quantizes_head: does the scheme quantize the embedding/LM head (unless --keep-head-fp)?
     """
 
     matches: Callable[[str], bool]
     resolve: Resolver
     names: Callable[[], list[str]]
     grids_of: Callable[[str], list[Grid]]
+    quantizes_head: Callable[[str], bool] = lambda s: False
 
 
 _FAMILIES: list[SchemeFamily] = []
@@ -147,13 +150,17 @@ register_scheme_family(SchemeFamily(
 ))
 
 
-def resolve_scheme_grids(scheme: str) -> list[Grid]:
-    """The distinct grids a scheme can use, independent of a model (for the schemes table)."""
+def scheme_family(scheme: str) -> SchemeFamily:
     _load_families()
     for fam in _FAMILIES:
         if fam.matches(scheme):
-            return fam.grids_of(scheme)
+            return fam
     raise SchemeError(f"unknown scheme {scheme!r}; known: {', '.join(list_schemes())}")
+
+
+def resolve_scheme_grids(scheme: str) -> list[Grid]:
+    """The distinct grids a scheme can use, independent of a model (for the schemes table)."""
+    return scheme_family(scheme).grids_of(scheme)
 
 
 def list_schemes() -> list[str]:

@@ -62,6 +62,7 @@ def test_dataset_local_dir_and_unreachable(tok, tmp_path, monkeypatch):
     assert ids.shape == (4, 32)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(CalibrationError, match="cannot load"):
         load_calibration(parse_calib("no-such-org/no-such-dataset:train"), tok, 1, 8, seed=0)
 

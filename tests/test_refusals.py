@@ -100,8 +100,8 @@ def test_nan_during_optimisation_keeps_finished_blocks(capsys, tiny_model_factor
     real = bw.F.mse_loss
     calls = {"n": 0}
 
-    def flaky(a, b):  # block 0 trains normally (3 steps); the first step of block 1 produces NaN
-        out = real(a, b)
+    def flaky(a, b, **kw):  # block 0 trains normally (3 steps); the first step of block 1 produces NaN
+        out = real(a, b, **kw)
         if not a.requires_grad:  # evaluation passes
             return out
         calls["n"] += 1

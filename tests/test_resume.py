@@ -74,3 +74,29 @@ def test_kill_and_resume_is_bit_identical(four_blocks, tinystories_text, referen
     subprocess.run(_cmd(four_blocks, out, tinystories_text, "--resume"), check=True, capture_output=True)
     assert out.is_dir() and not partial_dir(out).exists()
     _same_codes(out, reference_run)
+
+
+def test_stop_after_block_then_branch_final_loss(tiny_model_factory, tinystories_text, tmp_path):
+    """Blocks 0..L-2 are shared by the MSE and the LFQ variant: stop before the last block, copy, finish
+    each with its own final loss. The shared blocks are identical and the finished runs are complete."""
+    import shutil
+
+    from lfq_export.quantize import QuantizeOptions, quantize
+
+    model = tiny_model_factory("llama", num_layers=3)
+    base = dict(scheme="w3g32", method="omniquant", calib=str(tinystories_text), nsamples=4, seqlen=32, iters=4,
+                progress=False)
+    a = tmp_path / "a"
+    work = quantize(str(model), a, QuantizeOptions(**base, final_loss="mse", stop_after_block=1))
+    assert work == partial_dir(a) and not a.exists()
+    shutil.copytree(partial_dir(a), partial_dir(tmp_path / "b"))
+    quantize(str(model), a, QuantizeOptions(**base, final_loss="mse", resume=True))
+    quantize(str(model), tmp_path / "b", QuantizeOptions(**base, final_loss="ce", resume=True))
+    ra, rb = QuantizedModel.load(a), QuantizedModel.load(tmp_path / "b")
+    assert [b["loss"] for b in rb.report["blocks"]] == ["mse", "mse", "ce"]
+    shared = [n for n in ra.quantized if not n.startswith("model.layers.2.")]
+    final = [n for n in ra.quantized if n.startswith("model.layers.2.")]
+    assert shared and final
+    assert all(torch.equal(ra.quantized[n].codes, rb.quantized[n].codes) for n in shared)
+    # the last block was optimised with different losses, so its codes differ
+    assert not all(torch.equal(ra.quantized[n].codes, rb.quantized[n].codes) for n in final)

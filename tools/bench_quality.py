@@ -6,7 +6,8 @@ final block (vs auto-round's SignRound when installed), same calibration and set
 
 Per run: WikiText-2 test perplexity, mean KL(FP‖Q) and top-1 agreement on that text, KL by position
 and the greedy prefix the quantized model reproduces on 256-token FP-greedy answers to GSM8K questions
-(chat template), quantization wall time and peak RSS (each run is its own process). Writes
+(chat template), quantization wall time and peak RSS (each run is its own process; the MSE and the
+LFQ run of a method share their identical blocks 0..L−2, see `run_method_pair`). Writes
 `results.json` (resumable: finished runs are skipped), `results.md` and PNG plots to --out.
 """
 
@@ -74,24 +75,62 @@ def _peak_rss_mb_of(cmd: list[str]) -> tuple[float, float, subprocess.CompletedP
     return wall, rss, r
 
 
-def run_lfq(a, scheme: str, method: str, final_loss: str, out: Path) -> dict:
+def _quantize_cmd(a, scheme: str, method: str, final_loss: str, out: Path, *extra: str) -> list[str]:
     cmd = [sys.executable, "-m", "lfq_export.cli", "quantize", a.model, "--scheme", scheme, "--method", method,
-           "--final-loss", final_loss, "--out", str(out), "--overwrite", "--no-progress", "--seed", str(a.seed)]
+           "--final-loss", final_loss, "--out", str(out), "--no-progress", "--seed", str(a.seed), *extra]
     if method != "rtn":
         cmd += ["--calib", a.calib, "--calib-field", a.calib_field, "--nsamples", str(a.nsamples),
                 "--seqlen", str(a.seqlen), "--iters", str(a.iters)]
     cmd += a.extra.split()
     if "--skip-unquantizable" not in cmd:
         cmd.append("--skip-unquantizable")
+    return cmd
+
+
+def _checked(cmd: list[str]) -> tuple[float, float]:
     wall, rss, r = _peak_rss_mb_of(cmd)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return wall, rss
+
+
+def _run_info(out: Path, wall: float, rss: float, shared_wall: float = 0.0) -> dict:
     report = json.loads((out / "record.json").read_text())["report"]
     blocks = report.get("blocks", [])
     mse_secs = [b["seconds"] for b in blocks[:-1]]
-    return {"wall_s": wall, "peak_rss_mb": rss, "block_seconds_mean": sum(mse_secs) / max(len(mse_secs), 1),
+    return {"wall_s": wall, "peak_rss_mb": rss, "shared_blocks_wall_s": shared_wall,
+            "block_seconds_mean": sum(mse_secs) / max(len(mse_secs), 1),
             "final_block_seconds": blocks[-1]["seconds"] if blocks else None,
             "final_block": blocks[-1] if blocks else None}
+
+
+def run_rtn(a, scheme: str, out: Path) -> dict:
+    wall, rss = _checked(_quantize_cmd(a, scheme, "rtn", "mse", out, "--overwrite"))
+    return _run_info(out, wall, rss)
+
+
+def run_method_pair(a, scheme: str, method: str, root: Path, n_layers: int) -> dict[str, dict]:
+    """The MSE and the LFQ run of one method. Blocks 0..L−2 are the same in both (same seed, same
+    losses), so they are computed once (`--stop-after-block L−2`), the unfinished run is copied, and
+    each copy finishes its last block with its own loss (`--resume`). Each run's wall time is the
+    shared part plus its own finish, as if it had run alone; the report records both."""
+    import shutil
+
+    from lfq_export.quantize import partial_dir
+
+    outs = {fl: root / f"{scheme}_{method}_{fl}" for fl in ("mse", "ce")}
+    shared = partial_dir(outs["mse"])
+    for o in outs.values():
+        shutil.rmtree(o, ignore_errors=True)
+        shutil.rmtree(partial_dir(o), ignore_errors=True)
+    shared_wall, shared_rss = _checked(_quantize_cmd(a, scheme, method, "mse", outs["mse"],
+                                                     "--stop-after-block", str(n_layers - 2)))
+    shutil.copytree(shared, partial_dir(outs["ce"]))
+    info = {}
+    for fl, out in outs.items():
+        wall, rss = _checked(_quantize_cmd(a, scheme, method, fl, out, "--resume"))
+        info[fl] = _run_info(out, shared_wall + wall, max(shared_rss, rss), shared_wall)
+    return info
 
 
 def run_autoround(a, scheme: str, out: Path) -> dict:
@@ -142,20 +181,29 @@ def main() -> None:
     print("building FP reference (windows + greedy generations)...", flush=True)
     ref = FPReference.build(fp_model, tok, opts)
     with_ar = not a.no_autoround and autoround_available()
+    n_layers = src.n_layers
     plan = [(s, "rtn", "mse") for s in a.schemes]
     plan += [(s, m, fl) for s in a.schemes for m in a.methods.split(",") for fl in ("mse", "ce")]
     plan += [(s, "autoround", "-") for s in a.schemes] if with_ar else []
+    pending: dict[str, dict] = {}  # runs quantized but not yet evaluated (the MSE/LFQ pairs)
     for scheme, method, final_loss in plan:
         key = f"{scheme}|{method}|{final_loss}"
         if key in runs:
             continue
-        out = a.out / "runs" / key.replace("|", "_")
+        root = a.out / "runs"
+        out = root / key.replace("|", "_")
         print(f"== {key}", flush=True)
         if method == "autoround":
             info = run_autoround(a, scheme, out)
             qmodel = AutoModelForCausalLM.from_pretrained(str(out / "fakequant"), dtype=torch.float32).eval()
         else:
-            info = run_lfq(a, scheme, method, final_loss, out)
+            if method == "rtn":
+                info = run_rtn(a, scheme, out)
+            else:
+                if key not in pending:
+                    pair = run_method_pair(a, scheme, method, root, n_layers)
+                    pending.update({f"{scheme}|{method}|{fl}": v for fl, v in pair.items()})
+                info = pending.pop(key)
             qmodel = simulate(QuantizedModel.load(out))
         metrics = evaluate_model(ref, qmodel)
         runs[key] = {"scheme": scheme, "method": method, "final_loss": final_loss, **info, **metrics}
