@@ -173,7 +173,11 @@ def _add_verify(sub) -> None:
 
 
 def _add_schemes(sub) -> None:
-    p = sub.add_parser("schemes", help="list schemes and the formats that hold each exactly")
+    p = sub.add_parser("schemes", help="list schemes and the formats that hold each exactly",
+                       description="Print every scheme name (affine w<bits>[g<group>][-sym] and the GGUF types and "
+                       "llama-quantize mixes) as a markdown table with one column per export format: 'yes' where "
+                       "the format stores the scheme's grids exactly. quantize and export refuse the other cells "
+                       "before any compute.")
     _add_common(p)
     p.set_defaults(func=cmd_schemes)
 

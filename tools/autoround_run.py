@@ -52,9 +52,31 @@ def main() -> None:
     # after quantize() the linears hold auto-round's quantize-dequantize weights (bf16 on CPU);
     # its "fake" export format restores the FP weights (auto-round 0.16.1), so save the model as is
     qmodel = ar.model.to(torch.float32)
+    on_grid, off_grid = quantized_linears(qmodel, src, grid)
     qmodel.save_pretrained(str(a.out / "fakequant"), safe_serialization=True)
     tok.save_pretrained(str(a.out / "fakequant"))
-    (a.out / "autoround.json").write_text(json.dumps({"quantize_seconds": seconds, "torch": torch.__version__}))
+    (a.out / "autoround.json").write_text(json.dumps({
+        "quantize_seconds": seconds, "torch": torch.__version__, "linears_quantized": len(on_grid),
+        "linears_total": len(on_grid) + len(off_grid), "linears_left_fp": off_grid}))
+
+
+def quantized_linears(model, src, grid) -> tuple[list[str], list[str]]:
+    """Which block linears auto-round really quantized: a quantized weight has at most 2^bits distinct
+    values in every group of a row (auto-round silently leaves layers whose shapes its kernels do not
+    take in full precision, e.g. stories260K's 172-wide MLP)."""
+    import torch
+
+    names = src.adapter.linear_names(src.n_layers)
+    on, off = [], []
+    for name in names:
+        w = model.get_submodule(name).weight.detach()
+        g = grid.group_size or w.shape[1]
+        ok = w.shape[1] % g == 0
+        if ok:
+            groups = w.reshape(w.shape[0], -1, g).reshape(-1, g)
+            ok = all(len(torch.unique(row)) <= 2**grid.bit_width for row in groups[:: max(1, len(groups) // 256)])
+        (on if ok else off).append(name)
+    return on, off
 
 
 if __name__ == "__main__":

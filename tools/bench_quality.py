@@ -98,10 +98,19 @@ def _run_info(out: Path, wall: float, rss: float, shared_wall: float = 0.0) -> d
     report = json.loads((out / "record.json").read_text())["report"]
     blocks = report.get("blocks", [])
     mse_secs = [b["seconds"] for b in blocks[:-1]]
-    return {"wall_s": wall, "peak_rss_mb": rss, "shared_blocks_wall_s": shared_wall,
+    return {**_coverage(out), "wall_s": wall, "peak_rss_mb": rss, "shared_blocks_wall_s": shared_wall,
             "block_seconds_mean": sum(mse_secs) / max(len(mse_secs), 1),
             "final_block_seconds": blocks[-1]["seconds"] if blocks else None,
             "final_block": blocks[-1] if blocks else None}
+
+
+def _coverage(out: Path) -> dict:
+    """How many block linears the run quantized (the rest were kept FP by --skip-unquantizable)."""
+    rec = json.loads((out / "record.json").read_text())
+    kept = [n for n in rec["report"].get("kept_fp", {}) if ".layers." in n]
+    quantized = [n for n in rec["quantized"] if ".layers." in n]
+    return {"linears_quantized": len(quantized), "linears_total": len(quantized) + len(kept),
+            "linears_left_fp": kept}
 
 
 def run_rtn(a, scheme: str, out: Path) -> dict:
@@ -221,8 +230,8 @@ def main() -> None:
 
 def write_table(results: dict, path: Path) -> None:
     rows = ["| scheme | method | final block | WikiText-2 ppl | KL mean | top-1 | gen KL | gen top-1 | "
-            "greedy prefix | quant time (s) | final/MSE block time | peak RSS (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "greedy prefix | quant time (s) | final/MSE block time | peak RSS (MB) | linears quantized |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"].values():
         ratio = (r["final_block_seconds"] / r["block_seconds_mean"]
                  if r.get("final_block_seconds") and r.get("block_seconds_mean") else None)
@@ -231,7 +240,8 @@ def write_table(results: dict, path: Path) -> None:
             f"{r.get('kl_mean', float('nan')):.4f} | {r.get('top1_agreement', float('nan')):.3f} | "
             f"{r.get('gen_kl_mean', float('nan')):.4f} | {r.get('gen_top1_agreement', float('nan')):.3f} | "
             f"{r.get('gen_prefix_match_mean', float('nan')):.1f} | {r['wall_s']:.0f} | "
-            f"{'' if ratio is None else f'{ratio:.2f}'} | {r['peak_rss_mb']:.0f} |")
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {r['peak_rss_mb']:.0f} | "
+            f"{r.get('linears_quantized', '?')}/{r.get('linears_total', '?')} |")
     fp = next(iter(results["runs"].values()), {}).get("ppl_fp")
     rows.append(f"\nFP perplexity: {fp:.3f}" if fp else "")
     path.write_text("\n".join(rows) + "\n")

@@ -8,6 +8,7 @@
 #                (default: $LLAMA_CPP_SRC, /tmp/lcpsrc/llama_cpp_python-0.3.36/vendor/llama.cpp,
 #                 else `pip download --no-deps llama-cpp-python==0.3.36` into the build dir)
 #     BUILD_DIR  default: ${LFQ_EXPORT_CACHE:-~/.cache/lfq-export}/llama-tools
+#   TARGETS="llama-quantize" builds only that tool (what the test suite needs; CI does this).
 # The binaries end up in BUILD_DIR/bin; run them with LD_LIBRARY_PATH=BUILD_DIR/bin.
 set -euo pipefail
 
@@ -30,7 +31,8 @@ fi
 cmake -S "$SRC" -B "$BUILD/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_CURL=OFF
-cmake --build "$BUILD/build" -j "${JOBS:-2}" --target llama-quantize llama-perplexity llama-bench
+# shellcheck disable=SC2086
+cmake --build "$BUILD/build" -j "${JOBS:-2}" --target ${TARGETS:-llama-quantize llama-perplexity llama-bench}
 rm -rf "$BUILD/bin"
 ln -s "$BUILD/build/bin" "$BUILD/bin"
 ls -la "$BUILD/bin/"
