@@ -59,6 +59,13 @@ class GGUFFormat(FormatAdapter):
         parser.add_argument("--gguf-tokenizer-pre", default=None, metavar="NAME",
                             help="force llama.cpp's BPE pre-tokenizer name (default: detected from the tokenizer)")
 
+    def preflight(self, config: dict[str, Any], tokenizer_dir: Path, options: dict[str, Any]) -> None:
+        """The GGUF carries the tokenizer: convert it now, so a tokenizer llama.cpp cannot reproduce is
+        refused before the run, not after it."""
+        from .gguf_vocab import vocab_metadata
+
+        vocab_metadata(tokenizer_dir, int(config["vocab_size"]), config, options.get("gguf_tokenizer_pre"))
+
     def default_output_name(self, record: QuantizedModel) -> str:
         slug = record.scheme.removeprefix("gguf:").replace(":", "-").replace("/", "-")
         return f"model-{slug}.gguf"

@@ -130,6 +130,7 @@ def vocab_metadata(tokenizer_dir: Path | None, vocab_size: int, config: dict[str
             raise FormatError(f"{d}: tokenizer kind {kind!r} is not supported for GGUF (supported: SentencePiece "
                               "tokenizer.model, SPM-style or byte-level BPE tokenizer.json)")
     _special(meta, d, tok, config)
+    _check_lengths(meta)
     return meta
 
 
@@ -319,6 +320,25 @@ def _special(meta: VocabMetadata, d: Path, tok: Any, config: dict[str, Any]) -> 
         raise FormatError(f"{d}: the tokenizer adds special tokens other than BOS/EOS ({with_sp} vs {without}); "
                           "llama.cpp cannot reproduce that")
     meta.chat_template = getattr(tok, "chat_template", None)  # transformers reads chat_template.jinja/.json too
+
+
+#: longest strings written from the input's tokenizer: a chat template (real ones are ~10–100 KB) and
+#: one vocabulary entry or merge rule; longer ones mean a damaged or hostile tokenizer, and llama.cpp
+#: would load them blindly
+MAX_TEMPLATE_BYTES = 1 << 20
+MAX_TOKEN_BYTES = 1 << 12
+
+
+def _check_lengths(meta: VocabMetadata) -> None:
+    if meta.chat_template and len(str(meta.chat_template).encode()) > MAX_TEMPLATE_BYTES:
+        raise FormatError(f"the tokenizer's chat template has {len(str(meta.chat_template).encode())} bytes "
+                          f"(limit {MAX_TEMPLATE_BYTES}); fix tokenizer_config.json")
+    for what, items in (("token", meta.tokens), ("merge rule", meta.merges or [])):
+        for i, t in enumerate(items):
+            n = len(t) if isinstance(t, bytes) else len(str(t).encode())
+            if n > MAX_TOKEN_BYTES:
+                raise FormatError(f"{what} {i} of the tokenizer has {n} bytes (limit {MAX_TOKEN_BYTES}); "
+                                  "the tokenizer is damaged")
 
 
 def write_vocab(writer: gguf.GGUFWriter, meta: VocabMetadata) -> None:

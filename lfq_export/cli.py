@@ -86,8 +86,11 @@ def _add_quantize(sub) -> None:
     o.add_argument("--weight-lr", type=float, default=None, help="Block-AP: learning rate of the weights")
     o.add_argument("--rtn-search", action="store_true", help="RTN: search the clipping that minimises weight MSE")
     o.add_argument("--ce-chunk-tokens", type=int, default=512, help="tokens per logit chunk in the LFQ loss")
-    o.add_argument("--ce-token-fraction", type=float, default=1.0,
-                   help="LFQ block: random fraction of each batch's tokens in the loss (unbiased, cheaper head)")
+    o.add_argument("--ce-token-fraction", type=_fraction_or_auto, default=None, metavar="F|auto",
+                   help="LFQ block: random fraction of each batch's tokens sent through the head each step (an "
+                   "unbiased estimate of the loss). auto (default): as many tokens as make the head cost what the "
+                   "block costs, i.e. min(1, block weights / head weights) — 12%% for SmolLM2, ~40%% for 7B models; "
+                   "1 = every token")
     o.add_argument("--teacher-cache-gb", type=float, default=4.0,
                    help="LFQ block: cache the FP model's log-probs of calibration tokens up to this size (0: off)")
     o.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -180,6 +183,15 @@ def _add_schemes(sub) -> None:
                        "before any compute.")
     _add_common(p)
     p.set_defaults(func=cmd_schemes)
+
+
+def _fraction_or_auto(v: str) -> float | None:
+    if v == "auto":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'auto', not {v!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,6 +101,10 @@ class FormatAdapter(ABC):
             return f"{self.name} keeps the embedding and LM head unquantized (engines reject quantized heads)"
         return None
 
+    def preflight(self, config: dict[str, Any], tokenizer_dir: Path, options: dict[str, Any]) -> None:
+        """Check, before any compute, what the export will need from the model besides its weights
+        (e.g. a tokenizer the format can carry). Raises `FormatError`; default: nothing to check."""
+
     # ---- I/O ---------------------------------------------------------------------------------
     def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
         """Format-specific options for `export`/`quantize` (prefix them with the format name)."""

@@ -164,7 +164,12 @@ class ModelSource:
             raise InputError(f"{self.origin}: cannot load the tokenizer: {e}") from None
 
     def tokenizer_files(self) -> list[Path]:
-        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+        """The tokenizer/generation files present; a symlink that leads out of the model directory is
+        refused (these files are copied into every export)."""
+        present = [f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+        for f in present:
+            _inside(self.path, f)
+        return [self.path / f for f in present]
 
 
 # ---- resolution -------------------------------------------------------------------------------
@@ -235,6 +240,7 @@ def _from_hf_dir(d: Path, *, origin: str, allow_pickle: bool, trust_remote_code:
         d = _pickle_to_safetensors(d, origin)
     weight_map = _weight_map(d, origin, allow_pickle)
     src = ModelSource(d, config, adapter, weight_map, origin, trust_remote_code)
+    src.tokenizer_files()  # refuses tokenizer files that lead out of the directory, before anything runs
     return src
 
 
@@ -357,9 +363,17 @@ def _gguf_to_hf(gguf_path: Path) -> Path:
     return out
 
 
+#: longest metadata string accepted from an input GGUF (chat templates are the longest real ones, ~10–100 KB);
+#: they are copied into the record's tokenizer and from there into every export
+MAX_GGUF_STRING = 1 << 20
+#: longest single vocabulary entry (token text or merge rule) accepted from an input GGUF
+MAX_GGUF_TOKEN = 1 << 12
+
+
 def _check_gguf(path: Path) -> None:
-    """Parse the GGUF header and tensor table; a truncated or corrupt file is refused here."""
-    from gguf import GGUFReader
+    """Parse the GGUF header and tensor table; a truncated or corrupt file, or one whose metadata
+    strings are implausibly long, is refused here."""
+    from gguf import GGUFReader, GGUFValueType
 
     try:
         r = GGUFReader(str(path))
@@ -369,6 +383,14 @@ def _check_gguf(path: Path) -> None:
                 raise ValueError(f"tensor {t.name} runs past the end of the file")
     except Exception as e:  # noqa: BLE001 - GGUFReader raises many types on bad input
         raise InputError(f"{path}: corrupt or truncated GGUF ({e})") from None
+    for field in r.fields.values():
+        if GGUFValueType.STRING not in field.types:
+            continue
+        limit = MAX_GGUF_TOKEN if field.types[0] == GGUFValueType.ARRAY else MAX_GGUF_STRING
+        longest = max((len(field.parts[i]) for i in field.data), default=0)
+        if longest > limit:
+            raise InputError(f"{path}: metadata {field.name} holds a string of {longest} bytes (limit {limit}); "
+                             "the file is damaged or not a model")
 
 
 def copy_tokenizer_files(src: ModelSource, dest: Path) -> list[str]:

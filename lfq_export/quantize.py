@@ -95,7 +95,7 @@ class QuantizeOptions:
     offload_dir: str | None = None
     device: str = "cpu"
     ce_chunk_tokens: int = 512
-    ce_token_fraction: float = 1.0
+    ce_token_fraction: float | None = None  # None: auto (head cost ≈ block cost)
     teacher_cache_gb: float = 4.0
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -178,7 +178,7 @@ def prepare(model: str, out: Path | str, options: QuantizeOptions) -> Prepared:
     out = Path(out)
     if options.method not in METHODS:
         raise SchemeError(f"unknown method {options.method!r}; known: {', '.join(sorted(METHODS))}")
-    if not 0.0 < options.ce_token_fraction <= 1.0:
+    if options.ce_token_fraction is not None and not 0.0 < options.ce_token_fraction <= 1.0:
         raise SchemeError(f"--ce-token-fraction must be in (0, 1], not {options.ce_token_fraction}")
     if options.final_loss not in ("ce", "mse"):
         raise SchemeError(f"--final-loss must be ce or mse, not {options.final_loss!r}")
@@ -202,6 +202,8 @@ def prepare(model: str, out: Path | str, options: QuantizeOptions) -> Prepared:
     source = resolve_model(model, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
     ctx = SchemeContext(source.adapter, source.config, model_shapes(source), options.keep_head_fp)
     plan = plan_quantization(options.scheme, ctx, options.formats, options.skip_unquantizable)
+    for f in options.formats:
+        get_format(f).preflight(source.config.to_dict(), source.path, options.export_options)
     source.check_finite()
     return Prepared(source, plan, options, out, work)
 

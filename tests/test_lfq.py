@@ -119,3 +119,18 @@ def test_methods_run_and_are_deterministic(two_block_model, tinystories_text, tm
 def test_mse_final_loss_ablation(two_block_model, tinystories_text, tmp_path):
     rec = _run(two_block_model, tmp_path / "m", tinystories_text, final_loss="mse", iters=5)
     assert [b["loss"] for b in rec.report["blocks"]] == ["mse", "mse"]
+
+
+@pytest.mark.parametrize("fraction", [None, 1.0, 0.25])
+def test_token_fraction_recorded_and_ce_still_falls(two_block_model, tinystories_text, tmp_path, fraction):
+    """`auto` sends min(1, block weights / head weights) of the tokens through the head; any fraction
+    still lowers the final block's KL."""
+    from lfq_export.blockwise import auto_token_fraction
+
+    rec = _run(two_block_model, tmp_path / "r", tinystories_text, lr=5e-2, ce_token_fraction=fraction)
+    final = rec.report["blocks"][-1]
+    block = sum(q.codes.numel() for n, q in rec.quantized.items() if n.startswith("model.layers.1."))
+    head = rec.fp.get("lm_head.weight", rec.fp["model.embed_tokens.weight"]).numel()
+    expected = auto_token_fraction(block, head) if fraction is None else fraction
+    assert final["ce_token_fraction"] == pytest.approx(expected, abs=1e-4)
+    assert final["final"]["kl"] < final["init"]["kl"]

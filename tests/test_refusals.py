@@ -242,3 +242,49 @@ def test_debug_shows_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lfq_export.cli", "quantize", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "o"), "--debug"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr and "InputError" in r.stderr
+
+
+# ---- security: nothing read from a model file may lead outside it or smuggle huge strings -----------
+def test_shard_index_cannot_escape_the_model_directory(capsys, model_copy, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy2(model_copy / "model.safetensors", outside)
+    keys = list(load_file(model_copy / "model.safetensors"))
+    (model_copy / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {k: "../elsewhere.safetensors" for k in keys}}
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_refused(capsys, tmp_path / "o", *q(model_copy, tmp_path / "o"),
+                   match="file name '../elsewhere.safetensors' in a model file points outside the model directory")
+
+
+def test_tokenizer_symlink_cannot_escape_the_model_directory(capsys, model_copy, tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    (model_copy / "special_tokens_map.json").unlink(missing_ok=True)
+    (model_copy / "special_tokens_map.json").symlink_to(secret)
+    assert_refused(capsys, tmp_path / "o", *q(model_copy, tmp_path / "o"),
+                   match="'special_tokens_map.json' in a model file points outside the model directory")
+
+
+def test_gguf_input_with_oversized_metadata_string(capsys, tmp_path):
+    import gguf
+    import numpy as np
+
+    bad = tmp_path / "huge.gguf"
+    w = gguf.GGUFWriter(str(bad), "llama")
+    w.add_name("x" * ((1 << 20) + 1))
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_refused(capsys, tmp_path / "o", *q(bad, tmp_path / "o"),
+                   match="metadata general.name holds a string of 1048577 bytes (limit 1048576)")
+
+
+def test_oversized_chat_template_refused_before_compute_for_gguf(capsys, model_copy, tmp_path):
+    cfg_file = model_copy / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    cfg["chat_template"] = "{{ messages }}" + " " * (1 << 20)
+    cfg_file.write_text(json.dumps(cfg))
+    assert_refused(capsys, tmp_path / "o", *q(model_copy, tmp_path / "o", "--format", "gguf"),
+                   match="chat template has 1048590 bytes (limit 1048576)")

@@ -191,9 +191,10 @@ def main() -> None:
     ref = FPReference.build(fp_model, tok, opts)
     with_ar = not a.no_autoround and autoround_available()
     n_layers = src.n_layers
-    plan = [(s, "rtn", "mse") for s in a.schemes]
-    plan += [(s, m, fl) for s in a.schemes for m in a.methods.split(",") for fl in ("mse", "ce")]
-    plan += [(s, "autoround", "-") for s in a.schemes] if with_ar else []
+    plan = []  # scheme by scheme, so the runs whose times are compared ran close together
+    for s in a.schemes:
+        plan += [(s, "rtn", "mse")] + [(s, m, fl) for m in a.methods.split(",") for fl in ("mse", "ce")]
+        plan += [(s, "autoround", "-")] if with_ar else []
     pending: dict[str, dict] = {}  # runs quantized but not yet evaluated (the MSE/LFQ pairs)
     for scheme, method, final_loss in plan:
         key = f"{scheme}|{method}|{final_loss}"
