@@ -53,6 +53,13 @@ def main() -> None:
     # its "fake" export format restores the FP weights (auto-round 0.16.1), so save the model as is
     qmodel = ar.model.to(torch.float32)
     on_grid, off_grid = quantized_linears(qmodel, src, grid)
+    # everything auto-round did not quantize goes back to the FP checkpoint's values (its CPU path keeps
+    # the model in bf16), so the comparison with lfq-export's simulate() differs only in quantized weights
+    quantized = {f"{n}.weight" for n in on_grid}
+    with torch.no_grad():
+        for name, t in qmodel.state_dict(keep_vars=True).items():
+            if name not in quantized and name in src.weight_map:
+                t.copy_(src.tensor(name).to(torch.float32))
     qmodel.save_pretrained(str(a.out / "fakequant"), safe_serialization=True)
     tok.save_pretrained(str(a.out / "fakequant"))
     (a.out / "autoround.json").write_text(json.dumps({

@@ -175,8 +175,11 @@ def main() -> None:
         prompts_file.write_text("\n".join(qs) + "\n")
     results_path = a.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    if results.get("settings", settings) != settings:
+    # runs are comparable when everything but the list of runs matches: more schemes or methods can be
+    # added to an existing results.json later
+    listing = ("schemes", "methods", "no_autoround")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in listing}
+    if {k: v for k, v in results.get("settings", settings).items() if k not in listing} != settings:
         raise SystemExit(f"{results_path} was made with other settings; use another --out")
     results["settings"] = settings
     runs = results.setdefault("runs", {})

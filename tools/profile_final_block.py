@@ -6,6 +6,7 @@
 The FP model is run once on the calibration windows to get the real inputs of the last two blocks;
 then block L−2 is optimised with the block-output MSE and block L−1 with the LFQ soft CE, with the
 same method, schedule and batch (`BlockRunner._optimise_block`, exactly what `quantize` runs).
+`--trajectory RUN` uses a real run's quantized blocks 0..L−2 for the inputs, as in `quantize`.
 Each variant is timed `--repeats` times alternately (the machine is shared); the table gives the
 best time of each and the ratio. `--profile` prints a cProfile breakdown of one LFQ block.
 Writes results.json to --out.
@@ -39,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--heldout", type=int, default=8, help="extra calibration windows for held-out KL (not trained on)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    p.add_argument("--trajectory", type=Path, default=None, metavar="RUN",
+                   help="feed the blocks the quantized trajectory of this finished run (its blocks 0..L−2), as "
+                   "quantize does, instead of the FP one; the targets stay the FP blocks on the FP trajectory")
     p.add_argument("--ce-token-fraction", nargs="+", default=["auto", "1"],
                    help="LFQ variants to time (fraction of each batch's tokens sent through the head, or auto)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -67,30 +72,39 @@ def main(argv: list[str] | None = None) -> int:
     model = src.load_model()
     hidden = int(src.config.hidden_size)
 
-    def inputs(rows: range) -> dict[int, ActivationStore]:
+    def inputs(net, rows: range) -> dict[int, ActivationStore]:
         stores = {k: ActivationStore((len(rows), a.seqlen, hidden), torch.float32, None) for k in (n - 2, n - 1)}
         with torch.no_grad():
             for j, i in enumerate(rows):
-                hs = model(ids[i : i + 1], output_hidden_states=True).hidden_states  # hs[k] = input of block k
+                hs = net(ids[i : i + 1], output_hidden_states=True).hidden_states  # hs[k] = input of block k
                 for k, store in stores.items():
                     store.set(slice(j, j + 1), hs[k])
         return stores
 
-    train, held = inputs(range(a.nsamples)), inputs(range(a.nsamples, a.nsamples + a.heldout))
+    rows_train, rows_held = range(a.nsamples), range(a.nsamples, a.nsamples + a.heldout)
+    fp_train, fp_held = inputs(model, rows_train), inputs(model, rows_held)  # the targets' inputs
+    train, held = fp_train, fp_held  # the student's inputs
+    if a.trajectory is not None:  # as in a real run: blocks 0..L−2 already quantized (that run's codes)
+        from lfq_export.record import QuantizedModel
+        from lfq_export.simulate import simulate
+
+        qmodel = simulate(QuantizedModel.load(a.trajectory))
+        train, held = inputs(qmodel, rows_train), inputs(qmodel, rows_held)
+        del qmodel
     del model
     plan = plan_quantization(a.scheme, SchemeContext(src.adapter, src.config, model_shapes(src)), (), True)
 
     def variant(name: str, fraction: float) -> tuple[float, dict[str, float]]:
         """name: `mse` (block L−2, the reference cost), `mse-final` or `ce` (block L−1)."""
         loss = "ce" if name == "ce" else "mse"
-        opts = QuantizeOptions(scheme=a.scheme, method=a.method, final_loss=loss, iters=a.iters,
+        opts = QuantizeOptions(scheme=a.scheme, method=a.method, final_loss=loss, iters=a.iters, lr=a.lr,
                                ce_token_fraction=fraction, compute_dtype=a.compute_dtype, progress=False)
         runner = BlockRunner(src, opts.block_settings(), progress=False)
         skeleton = src.skeleton()
         k = n - 2 if name == "mse" else n - 1
         kw = _layer_kwargs(src, skeleton, runner._embedding(skeleton), a.seqlen)[k]
         block = runner._fp_block(skeleton, k)
-        target, held_target = (_fp_output(block, kw, s[k]) for s in (train, held))
+        target, held_target = (_fp_output(block, kw, s[k]) for s in (fp_train, fp_held))
         head = runner._logit_head(skeleton) if k == n - 1 else None
         grids = plan.block_grids(src.adapter.block_prefix(k))
         t = time.perf_counter()
