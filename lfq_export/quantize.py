@@ -45,7 +45,7 @@ from .schemes import QuantPlan, SchemeContext, plan_quantization
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantizeOptions", "METHOD_DEFAULTS", "quantize", "prepare", "partial_dir", "model_shapes"]
+__all__ = ["QuantizeOptions", "METHOD_DEFAULTS", "FINAL_CE_LR_SCALE", "quantize", "prepare", "partial_dir", "model_shapes"]
 
 #: per-method defaults, scaled down from the official code for CPU runs (see README):
 #: (iters per block, lr, batch size, weight lr)
@@ -58,6 +58,13 @@ METHOD_DEFAULTS: dict[str, tuple[int, float, int, float]] = {
     # official: 2 epochs × 4096 samples, quant_lr 1e-4, weight_lr 1e-5 → 30× both for 100 steps
     "blockap": (100, 3e-3, 2, 3e-4),
 }
+
+#: lr of the LFQ (soft-CE) final block relative to the method's block lr, unless --final-lr is given.
+#: Measured with `tools/profile_final_block.py --trajectory` on SmolLM2-135M W4 (held-out KL through the
+#: head, 50 iters): FlexRound 1e-2 → 0.272, 3e-3 → 0.240; Block-AP 3e-3 → 0.271, 1e-3 → 0.265; OmniQuant's
+#: clipping logits need its full lr (5e-2 → 0.366, 1.5e-2 → 0.395). The CE gradient through the head is
+#: sharper than the block MSE's; the peer run T1 likewise lowered the LFQ block's lr (2e-3 against 1e-2).
+FINAL_CE_LR_SCALE: dict[str, float] = {"rtn": 1.0, "omniquant": 1.0, "flexround": 0.3, "blockap": 1 / 3}
 
 _SETTINGS_IGNORED_ON_RESUME = ("resume", "overwrite", "progress", "offload_dir", "device", "export_options")
 #: settings that only affect the last block: a resumed run may change them while that block is unfinished
@@ -114,9 +121,10 @@ class QuantizeOptions:
             weight_lr=wlr if self.weight_lr is None else self.weight_lr,
             rtn_search=self.rtn_search,
         )
+        final_lr = base.lr * (FINAL_CE_LR_SCALE[self.method] if self.final_loss == "ce" else 1.0)
         final = replace(base,
                         iters=base.iters if self.final_iters is None else self.final_iters,
-                        lr=base.lr if self.final_lr is None else self.final_lr)
+                        lr=final_lr if self.final_lr is None else self.final_lr)
         return BlockSettings(
             method=self.method, final_loss=self.final_loss, block_cfg=base, final_cfg=final, seed=self.seed,
             ce_chunk_tokens=self.ce_chunk_tokens, compute_dtype=_dtype(self.compute_dtype),

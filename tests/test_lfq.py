@@ -134,3 +134,23 @@ def test_token_fraction_recorded_and_ce_still_falls(two_block_model, tinystories
     expected = auto_token_fraction(block, head) if fraction is None else fraction
     assert final["ce_token_fraction"] == pytest.approx(expected, abs=1e-4)
     assert final["final"]["kl"] < final["init"]["kl"]
+
+
+@pytest.mark.parametrize("method", ["omniquant", "flexround", "blockap"])
+def test_ce_final_block_lr_default_and_override(method):
+    """With the soft CE the final block gets the method's scaled lr; --final-lr and --final-loss mse keep theirs."""
+    from lfq_export.quantize import FINAL_CE_LR_SCALE, METHOD_DEFAULTS
+
+    lr = METHOD_DEFAULTS[method][1]
+    ce = QuantizeOptions(method=method).block_settings()
+    assert ce.block_cfg.lr == lr and ce.final_cfg.lr == pytest.approx(lr * FINAL_CE_LR_SCALE[method])
+    assert QuantizeOptions(method=method, lr=0.5).block_settings().final_cfg.lr == pytest.approx(
+        0.5 * FINAL_CE_LR_SCALE[method])
+    assert QuantizeOptions(method=method, final_loss="mse").block_settings().final_cfg.lr == lr
+    assert QuantizeOptions(method=method, final_lr=7e-4).block_settings().final_cfg.lr == 7e-4
+
+
+def test_final_block_lr_is_reported(two_block_model, tinystories_text, tmp_path):
+    rec = _run(two_block_model, tmp_path / "r", tinystories_text, method="flexround", iters=3)
+    blocks = rec.report["blocks"]
+    assert blocks[-1]["lr"] == pytest.approx(0.3 * blocks[0]["lr"])
