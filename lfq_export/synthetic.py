@@ -91,11 +91,7 @@ def build_synthetic_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    tok = tokenizer_dir or default_tokenizer_dir()
-    if tok is not None:
-        for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(tok) / f).is_file():
-                shutil.copy2(Path(tok) / f, out_dir / f)
+    _copy_tokenizer(tokenizer_dir or default_tokenizer_dir(), out_dir)
     return out_dir
 
 
@@ -159,9 +155,14 @@ def write_random_checkpoint(
         weight_map.update({k: name for k in keys})
     (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.save_pretrained(str(out_dir))
-    tok = tokenizer_dir or default_tokenizer_dir()
-    if tok is not None:
-        for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(tok) / f).is_file():
-                shutil.copy2(Path(tok) / f, out_dir / f)
+    _copy_tokenizer(tokenizer_dir or default_tokenizer_dir(), out_dir)
     return out_dir
+
+
+def _copy_tokenizer(tok: str | Path | None, out_dir: Path) -> None:
+    """Give a synthetic checkpoint a real tokenizer, so exports and engines can tokenize for it."""
+    if tok is None:
+        return
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tok) / f).is_file():
+            shutil.copy2(Path(tok) / f, out_dir / f)
