@@ -81,8 +81,9 @@ def _add_quantize(sub) -> None:
     o.add_argument("--iters", type=int, default=None, help="steps per block (default: the method's)")
     o.add_argument("--lr", type=float, default=None, help="learning rate of every block (default: the method's)")
     o.add_argument("--final-iters", type=int, default=None, help="steps of the last block (default: --iters)")
-    o.add_argument("--final-lr", type=float, default=None, help="learning rate of the last block (default: --lr; with --final-loss ce, 0.3× it for flexround "
-                   "and blockap, whose CE block does better with a lower lr)")
+    o.add_argument("--final-lr", type=float, default=None,
+                   help="learning rate of the last block (default: --lr; with --final-loss ce 0.3× it for "
+                   "flexround and blockap, whose CE block does better with a lower lr)")
     o.add_argument("--batch-size", type=int, default=None, help="calibration sequences per step")
     o.add_argument("--weight-lr", type=float, default=None, help="Block-AP: learning rate of the weights")
     o.add_argument("--rtn-search", action="store_true", help="RTN: search the clipping that minimises weight MSE")

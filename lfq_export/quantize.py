@@ -45,7 +45,8 @@ from .schemes import QuantPlan, SchemeContext, plan_quantization
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantizeOptions", "METHOD_DEFAULTS", "FINAL_CE_LR_SCALE", "quantize", "prepare", "partial_dir", "model_shapes"]
+__all__ = ["QuantizeOptions", "METHOD_DEFAULTS", "FINAL_CE_LR_SCALE", "quantize", "prepare", "partial_dir",
+           "model_shapes"]
 
 #: per-method defaults, scaled down from the official code for CPU runs (see README):
 #: (iters per block, lr, batch size, weight lr)
@@ -256,7 +257,8 @@ def _start_or_resume(p: Prepared) -> tuple[dict[str, Any], dict[int, dict[str, Q
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         done_blocks = {b["index"] for b in manifest["report"]["blocks"]}
         final_open = p.source.n_layers - 1 not in done_blocks
-        fixed = [k for k in changed if k not in _SCHEDULE_SETTINGS and not (final_open and k in _FINAL_BLOCK_SETTINGS)]
+        fixed = [k for k in changed
+                 if k not in _SCHEDULE_SETTINGS and not (final_open and k in _FINAL_BLOCK_SETTINGS)]
         if fixed:
             raise RecordError(f"{p.work}: was started with different settings ({', '.join(fixed)}); resume with the "
                               "same command, or pass --overwrite to start over")
