@@ -154,3 +154,22 @@ def test_final_block_lr_is_reported(two_block_model, tinystories_text, tmp_path)
     rec = _run(two_block_model, tmp_path / "r", tinystories_text, method="flexround", iters=3)
     blocks = rec.report["blocks"]
     assert blocks[-1]["lr"] == pytest.approx(0.3 * blocks[0]["lr"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logit_head_reproduces_the_models_logits(tiny_model_factory, tied):
+    """The LFQ head (final norm + LM head, or the tied embedding) gives the FP model's own logits."""
+    from lfq_export.blockwise import BlockRunner, BlockSettings
+    from lfq_export.model_io import resolve_model
+
+    src = resolve_model(tiny_model_factory("llama", num_layers=2, tie_word_embeddings=tied))
+    model = src.load_model()
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        h = model.model.layers[-1](out.hidden_states[-2],
+                                   position_embeddings=model.model.rotary_emb(out.hidden_states[-2],
+                                                                              torch.arange(16)[None]))
+        h = h[0] if isinstance(h, tuple) else h
+        head = BlockRunner(src, BlockSettings(), progress=False)._logit_head(src.skeleton())
+        torch.testing.assert_close(head(h), out.logits, rtol=1e-5, atol=1e-5)

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(SMOLLM2), help="HF directory or GGUF of the FP model")
     p.add_argument("--schemes", default="q4_k_m,q3_k_m", help="llama-quantize file types, lower case")
-    p.add_argument("--methods", default="rtn,omniquant", help="lfq-export methods (rtn needs no calibration)")
+    p.add_argument("--methods", default="rtn,omniquant",
+                   help="lfq-export methods (rtn needs no calibration); METHOD@SCHEME runs a method at one scheme only")
     p.add_argument("--calib", default=str(C4), help="calibration text for learnable methods")
     p.add_argument("--calib-field", default="prefix,gold_completion")
     p.add_argument("--nsamples", type=int, default=64)
@@ -207,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             files.append(("llama-quantize", s, dest, round(time.perf_counter() - t, 1)))
         else:
             files.append(("llama-quantize", s, dest, None))
-    for m in methods:
-        for s in schemes:
+    for entry in methods:
+        m, _, only = entry.partition("@")
+        for s in ([only] if only else schemes):
             log.info("lfq-export %s gguf:%s", m, s)
             path, secs = lfq_run(args, m, s, runs, logs)
             files.append((f"lfq-export {m}" + (" + LFQ" if m != "rtn" else ""), s, path, secs))

@@ -7,8 +7,8 @@ the LM head and the teacher cache; not the whole model. This benchmark shows it:
     python tools/bench_memory.py                 # stories260K, SmolLM2-135M, synthetic 1B, depth sweep
     python tools/bench_memory.py --quick         # small synthetic models only
 
-Each run is `lfq-export quantize --method omniquant` (LFQ final block, 2 steps per block: memory does
-not depend on the step count) in its own process under `/usr/bin/time`. Writes results.json,
+Each run is `lfq-export quantize --method blockap` (the largest learner state: FP weights, scales and
+zeros with Adam moments; LFQ final block; 2 steps per block: memory does not depend on the step count) in its own process under `/usr/bin/time`. Writes results.json,
 results.md and bench_memory.png to --out.
 """
 
@@ -52,7 +52,7 @@ def n_params(model_dir: Path) -> int:
 
 def run(model: Path | str, out: Path, a) -> dict:
     cmd = ["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "lfq_export.cli", "quantize", str(model),
-           "--scheme", a.scheme, "--method", "omniquant", "--iters", "2", "--calib", str(C4), "--calib-field",
+           "--scheme", a.scheme, "--method", "blockap", "--iters", "2", "--calib", str(C4), "--calib-field",
            "prefix,gold_completion", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--out", str(out),
            "--overwrite", "--no-progress", "--skip-unquantizable"]
     t0 = time.perf_counter()

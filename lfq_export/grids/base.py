@@ -71,7 +71,10 @@ def grid_from_dict(d: dict[str, Any]) -> Grid:
 
 
 def ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Value of `y`, gradient of `x` (straight-through)."""
+    """Value of `y`, gradient of `x` (straight-through). Without a graph to build (RTN searches,
+    finalisation) it is `y` itself: the same value, since `y − x` is exact for the roundings used here."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return y
     return x + (y - x).detach()
 
 
