@@ -8,8 +8,8 @@ the LM head and the teacher cache; not the whole model. This benchmark shows it:
     python tools/bench_memory.py --quick         # small synthetic models only
 
 Each run is `lfq-export quantize --method blockap` (the largest learner state: FP weights, scales and
-zeros with Adam moments; LFQ final block; 2 steps per block: memory does not depend on the step count) in its own process under `/usr/bin/time`. Writes results.json,
-results.md and bench_memory.png to --out.
+zeros with Adam moments; LFQ final block; 2 steps per block: memory does not depend on the step count)
+in its own process under `/usr/bin/time`. Writes results.json, results.md and bench_memory.png to --out.
 """
 
 from __future__ import annotations
