@@ -48,9 +48,10 @@ class BlockSettings:
         final_loss: `ce` (LFQ) or `mse` for the last block.
         block_cfg / final_cfg: optimisation schedule of blocks 0..L−2 and of the last block.
         seed: base seed; block k uses `seed · 1_000_003 + k`.
-        ce_chunk_tokens: tokens per logit chunk in the LFQ loss.
-        compute_dtype: autocast dtype of block forwards during optimisation (bf16 is 2–3× faster on
-            AVX-512-BF16 CPUs; the exported weights are exact either way).
+        ce_chunk_tokens: tokens per logit chunk in the LFQ loss (None: `auto_chunk_tokens`).
+        compute_dtype: autocast dtype of every block forward — optimisation steps, propagation of the
+            calibration activations, evaluation (bf16 matmuls are 2–3× faster on AVX-512-BF16 CPUs and
+            are what auto-round uses on CPU; the exported weights are exact either way).
         teacher_cache_gb: cache the FP model's log-probabilities of every calibration token (fp16) for
             the LFQ block when they fit in this many GB (and in half the free memory): one logit matmul
             fewer per step. 0 disables it.
@@ -64,10 +65,21 @@ class BlockSettings:
     block_cfg: MethodConfig = field(default_factory=lambda: MethodConfig(iters=0, lr=0.0))
     final_cfg: MethodConfig = field(default_factory=lambda: MethodConfig(iters=0, lr=0.0))
     seed: int = 0
-    ce_chunk_tokens: int = 1024
-    compute_dtype: torch.dtype = torch.float32
+    ce_chunk_tokens: int | None = None
+    compute_dtype: torch.dtype = torch.bfloat16
     teacher_cache_gb: float = 4.0
     ce_token_fraction: float | None = 1.0
+
+
+def auto_chunk_tokens(vocab: int) -> int:
+    """Tokens per LFQ logit chunk: the largest power of two in [32, 1024] whose fp32 `[tokens, vocab]`
+    logits stay under 24 MB. glibc serves blocks above 32 MB with a fresh mapping on every allocation,
+    and faulting its pages in made a 512-token chunk of SmolLM2's 49k vocabulary 3-5x slower than four
+    128-token ones (the final block's evaluation: 3.0 s → 0.6 s)."""
+    tokens = 1024
+    while tokens > 32 and tokens * vocab * 4 > 24 << 20:
+        tokens //= 2
+    return tokens
 
 
 def auto_token_fraction(block_weights: int, head_weights: int) -> float:
@@ -233,10 +245,22 @@ class BlockRunner:
     def _propagate(self, block: nn.Module, kw: dict[str, Any], store: ActivationStore) -> None:
         """Replace `store` by `block(store)` in place, a few samples at a time (samples are independent)."""
         step = _forward_batch(store)
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             for i in range(0, len(store), step):
                 sl = slice(i, min(i + step, len(store)))
-                store.set(sl, block(store.get(sl).to(self.device), **kw).cpu())
+                store.set(sl, block(store.get(sl).to(self.device), **kw).float().cpu())
+
+    def _chunk_tokens(self, head: LogitHead) -> int:
+        return self.s.ce_chunk_tokens or auto_chunk_tokens(head.weight.shape[0])
+
+    def _logit_dtype(self) -> torch.dtype:
+        """Matmul dtype of the LFQ head's logits (teacher, student, evaluation): bf16 with bf16 compute."""
+        return torch.bfloat16 if self.s.compute_dtype == torch.bfloat16 else torch.float32
+
+    def _autocast(self):
+        """Block forwards in the compute dtype (matmuls in bf16, norms and softmax in fp32)."""
+        dt = self.s.compute_dtype
+        return torch.autocast(self.device.type, dtype=dt, enabled=dt != torch.float32)
 
     # ---- optimisation ------------------------------------------------------------------------
     def _optimise_block(self, block: nn.Module, k: int, grids: dict[str, Grid], kw: dict[str, Any],
@@ -293,7 +317,7 @@ class BlockRunner:
         seqlen = target.shape[1]
         budget = min(self.s.teacher_cache_gb * 2**30, psutil.virtual_memory().available / 2)
         cache = TeacherCache(head, lambda idx: target.get(idx).to(self.device), ns, seqlen,
-                             self.s.ce_chunk_tokens, budget)
+                             self._chunk_tokens(head), budget, logit_dtype=self._logit_dtype())
         if not cache.enabled:
             log.info("LFQ teacher cache would exceed %.1f GB: teacher logits are recomputed every step",
                      budget / 2**30)
@@ -317,7 +341,7 @@ class BlockRunner:
             idx, order = order[:bs], order[bs:]
             x = q_in.get(idx).to(self.device)
             y_fp = target.get(idx).to(self.device)
-            with torch.autocast(self.device.type, dtype=self.s.compute_dtype, enabled=self.s.compute_dtype != torch.float32):
+            with self._autocast():
                 y = block(x, **kw)
             if head is not None:
                 yq, yt = y.float().flatten(0, 1), y_fp.flatten(0, 1)
@@ -330,9 +354,9 @@ class BlockRunner:
                     tl = teacher.get(idx)
                     tl = None if tl is None else tl.flatten(0, 1)
                 loss, _ = chunked_soft_ce_backward(
-                    head, yq, yt, chunk_tokens=self.s.ce_chunk_tokens, stats=False,
+                    head, yq, yt, chunk_tokens=self._chunk_tokens(head), stats=False,
                     teacher_logp=None if tl is None else tl.to(self.device), grad_dtype=torch.bfloat16,
-                    logit_dtype=self.s.compute_dtype if self.s.compute_dtype == torch.bfloat16 else torch.float32)
+                    logit_dtype=self._logit_dtype())
             else:
                 loss = F.mse_loss(y.float(), y_fp)
                 loss.backward()
@@ -355,15 +379,16 @@ class BlockRunner:
         step = _forward_batch(q_in)
         for a in range(0, len(idx), step):
             sl = idx[a : a + step]
-            y = block(q_in.get(sl).to(self.device), **kw).float()
+            with self._autocast():
+                y = block(q_in.get(sl).to(self.device), **kw).float()
             t = target.get(sl).to(self.device)
             sq += float(F.mse_loss(y, t, reduction="sum"))
             n += t.numel()
             if head is not None:
                 tl = None if teacher is None else teacher.get(sl)
                 tl = None if tl is None else tl.to(self.device)
-                stats.add(chunked_soft_ce_backward(head, y, t, chunk_tokens=self.s.ce_chunk_tokens, backward=False,
-                                                   teacher_logp=tl)[1])
+                stats.add(chunked_soft_ce_backward(head, y, t, chunk_tokens=self._chunk_tokens(head), backward=False,
+                                                   teacher_logp=tl, logit_dtype=self._logit_dtype())[1])
         out = {"mse": sq / max(n, 1)}
         if head is not None:
             out.update(stats.means())
@@ -390,8 +415,9 @@ class BlockRunner:
 
 #: calibration samples on which each block's loss is reported before and after optimisation
 _EVAL_SAMPLES = 8
-#: the same for the LFQ block, whose evaluation (full-vocabulary logits, KL, agreement) costs more
-_EVAL_SAMPLES_HEAD = 2
+#: the same for the LFQ block, whose evaluation (full-vocabulary logits, KL, agreement: ~0.15 s a
+#: sample for SmolLM2, twice) would otherwise be a tenth of the block's cost
+_EVAL_SAMPLES_HEAD = 1
 
 
 def _forward_batch(store: ActivationStore) -> int:

@@ -87,7 +87,10 @@ def _add_quantize(sub) -> None:
     o.add_argument("--batch-size", type=int, default=None, help="calibration sequences per step")
     o.add_argument("--weight-lr", type=float, default=None, help="Block-AP: learning rate of the weights")
     o.add_argument("--rtn-search", action="store_true", help="RTN: search the clipping that minimises weight MSE")
-    o.add_argument("--ce-chunk-tokens", type=int, default=512, help="tokens per logit chunk in the LFQ loss")
+    o.add_argument("--ce-chunk-tokens", type=int, default=None,
+                   help="tokens per logit chunk in the LFQ loss (default: as many as keep one chunk's fp32 logits "
+                   "under 24 MB, 32..1024: 128 for a 49k vocabulary, 32 for 152k; larger chunks are allocated "
+                   "fresh from the kernel every time and run 3-5x slower here)")
     o.add_argument("--ce-token-fraction", type=_fraction_or_auto, default=None, metavar="F|auto",
                    help="LFQ block: random fraction of each batch's tokens sent through the head each step (an "
                    "unbiased estimate of the loss). auto (default): as many tokens as make the head cost what the "
@@ -95,8 +98,10 @@ def _add_quantize(sub) -> None:
                    "1 = every token")
     o.add_argument("--teacher-cache-gb", type=float, default=4.0,
                    help="LFQ block: cache the FP model's log-probs of calibration tokens up to this size (0: off)")
-    o.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="autocast dtype of block forwards while optimising (exported weights are exact either way)")
+    o.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="autocast dtype of every block forward: optimisation steps, propagation of the calibration "
+                   "activations, evaluation (default bfloat16: 2-3x faster matmuls on AVX-512-BF16 CPUs; norms and "
+                   "softmax stay fp32; exported weights are exact either way)")
     s = p.add_argument_group("model handling")
     s.add_argument("--keep-head-fp", action="store_true", help="keep embedding and LM head in FP (GGUF mixes quantize them)")
     s.add_argument("--skip-unquantizable", action="store_true",
@@ -217,8 +222,25 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in getattr(args, "_format_dests", [])}
 
 
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning it to the kernel: block-wise training frees
+    and re-allocates the same few-MB tensors every step, and re-faulting those pages cost ~5 % of the
+    run. Peak memory is unchanged (what is kept is what the run already used)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest; bigger blocks are still mapped per call
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import QuantizeOptions, quantize
+
+    _keep_freed_memory()
 
     if args.device != "cpu":
         import torch

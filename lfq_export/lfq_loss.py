@@ -38,6 +38,14 @@ class LogitHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.norm(h), self.weight, self.bias).float()
 
+    def logits(self, h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """fp32 logits with the matmul's inputs in `dtype` (bf16: 4-5x faster here, fp32 accumulation)."""
+        return self.logits_of_normed(self.norm(h), dtype)
+
+    def logits_of_normed(self, hn: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        z = F.linear(hn.to(dtype), self.weight_as(dtype)).float()
+        return z if self.bias is None else z.add_(self.bias)
+
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The head weight in `dtype`, cast once and kept (bf16 matmuls are 2–3× faster on this CPU)."""
         if dtype == torch.float32:
@@ -50,15 +58,16 @@ class LogitHead(nn.Module):
 
 @torch.no_grad()
 def teacher_log_probs(head: LogitHead, h_fp: torch.Tensor, chunk_tokens: int = 1024,
-                      dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """log p_FP for every token of `h_fp` (`[..., hidden]` → `[..., vocab]` in `dtype`).
+                      dtype: torch.dtype = torch.float16, logit_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """log p_FP for every token of `h_fp` (`[..., hidden]` → `[..., vocab]` in `dtype`; the logit matmul
+    in `logit_dtype`, as in `chunked_soft_ce_backward`).
 
     Cached once per calibration sample when it fits in memory, so each optimisation step needs one
     logit matmul fewer. fp16 keeps log-probabilities of likely tokens (|log p| < 2) to 1e-3."""
     flat = h_fp.reshape(-1, h_fp.shape[-1])
     out = torch.empty(flat.shape[0], head.weight.shape[0], dtype=dtype)
     for a in range(0, flat.shape[0], chunk_tokens):
-        out[a : a + chunk_tokens] = torch.log_softmax(head(flat[a : a + chunk_tokens]), dim=-1).to(dtype)
+        out[a : a + chunk_tokens] = torch.log_softmax(head.logits(flat[a : a + chunk_tokens], logit_dtype), dim=-1).to(dtype)
     return out.reshape(*h_fp.shape[:-1], -1)
 
 
@@ -69,8 +78,8 @@ class TeacherCache:
     full-vocabulary matmul per later visit. Lazy filling costs nothing for samples never drawn."""
 
     def __init__(self, head: LogitHead, hidden: Callable[[list[int]], torch.Tensor], n: int, seqlen: int,
-                 chunk_tokens: int, max_bytes: float):
-        self.head, self.hidden, self.chunk = head, hidden, chunk_tokens
+                 chunk_tokens: int, max_bytes: float, logit_dtype: torch.dtype = torch.float32):
+        self.head, self.hidden, self.chunk, self.logit_dtype = head, hidden, chunk_tokens, logit_dtype
         vocab = head.weight.shape[0]
         self.enabled = n * seqlen * vocab * 2 <= max_bytes
         self.data = torch.empty(n, seqlen, vocab, dtype=torch.float16) if self.enabled else None
@@ -82,7 +91,8 @@ class TeacherCache:
             return None
         todo = [i for i in idx if not self.filled[i]]
         if todo:
-            self.data[todo] = teacher_log_probs(self.head, self.hidden(todo), self.chunk).cpu()
+            self.data[todo] = teacher_log_probs(self.head, self.hidden(todo), self.chunk,
+                                                   logit_dtype=self.logit_dtype).cpu()
             self.filled[todo] = True
         return self.data[idx]
 
@@ -148,15 +158,15 @@ def chunked_soft_ce_backward(
     This keeps the per-chunk work to the two logit matmuls, one gradient matmul and a few in-place passes.
     `grad_dtype=torch.bfloat16` runs the gradient matmul in bf16 (2–3× faster on AVX-512-BF16 CPUs; its
     rounding is far below the optimiser's own noise; the engine uses it). `logit_dtype=torch.bfloat16`
-    does the same for the student logits (only with `--compute-dtype bfloat16`: it rounds logits to 8 bits). `teacher_logp` (`[..., vocab]`, any float dtype) replaces the teacher
-    forward when the teacher's log-probabilities were cached.
+    does the same for the student's and the teacher's logits (with `--compute-dtype bfloat16`, the
+    default: bf16 matmul inputs, fp32 accumulation, softmax in fp32). `teacher_logp` (`[..., vocab]`,
+    any float dtype) replaces the teacher forward when the teacher's log-probabilities were cached.
     Returns the loss value (detached) and summed statistics (`stats=False` skips the diagnostics)."""
     shape = h_q.shape
     flat_q = h_q.reshape(-1, shape[-1])
     flat_fp = h_fp.reshape(-1, shape[-1]).to(flat_q.dtype)
     flat_tl = None if teacher_logp is None else teacher_logp.reshape(-1, teacher_logp.shape[-1])
     w_g = head.weight_as(grad_dtype) if backward else None
-    w_z = head.weight_as(logit_dtype)
     m = torch.ones(flat_q.shape[0], device=flat_q.device) if mask is None else mask.reshape(-1).float()
     n_valid = m.sum().clamp(min=1)
     leaf = flat_q.detach().requires_grad_(backward)
@@ -168,14 +178,12 @@ def chunked_soft_ce_backward(
         with torch.set_grad_enabled(backward):
             hn = head.norm(leaf[a:b])
         with torch.no_grad():
-            z = F.linear(hn.detach().to(logit_dtype), w_z).float()  # student logits [T, V]
-            if head.bias is not None:
-                z += head.bias
+            z = head.logits_of_normed(hn.detach(), logit_dtype)  # student logits [T, V]
             if flat_tl is not None:
                 p = flat_tl[a:b].float().exp_()
                 p.div_(p.sum(-1, keepdim=True))  # renormalise after the cache's rounding
-            else:
-                zt = head(flat_fp[a:b])  # teacher logits
+            else:  # teacher logits, in the same dtype as the student's
+                zt = head.logits(flat_fp[a:b], logit_dtype)
                 p = zt.sub_(torch.logsumexp(zt, dim=-1)[:, None]).exp_()  # teacher probabilities (in place)
             lse = torch.logsumexp(z, dim=-1)
             pz = (p * z).sum(-1)

@@ -336,10 +336,10 @@ def _file_key(paths: list[Path]) -> str:
 
 def _gguf_to_hf(gguf_path: Path) -> Path:
     """Dequantize a GGUF once into a cached float32 safetensors HF directory."""
-    _check_gguf(gguf_path)
     out = cache_root() / "gguf" / _file_key([gguf_path])
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file():  # converted (and checked) before; its key covers the file's size
         return out
+    _check_gguf(gguf_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a safetensors cache at %s (once)", gguf_path, out)

@@ -99,10 +99,10 @@ class QuantizeOptions:
     keep_head_fp: bool = False
     skip_unquantizable: bool = False
     act_dtype: str = "float32"
-    compute_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
     offload_dir: str | None = None
     device: str = "cpu"
-    ce_chunk_tokens: int = 512
+    ce_chunk_tokens: int | None = None  # None: auto (one chunk's logits under 24 MB)
     ce_token_fraction: float | None = None  # None: auto (head cost ≈ block cost)
     teacher_cache_gb: float = 4.0
     allow_pickle: bool = False
@@ -189,6 +189,8 @@ def prepare(model: str, out: Path | str, options: QuantizeOptions) -> Prepared:
         raise SchemeError(f"unknown method {options.method!r}; known: {', '.join(sorted(METHODS))}")
     if options.ce_token_fraction is not None and not 0.0 < options.ce_token_fraction <= 1.0:
         raise SchemeError(f"--ce-token-fraction must be in (0, 1], not {options.ce_token_fraction}")
+    if options.ce_chunk_tokens is not None and options.ce_chunk_tokens < 1:
+        raise SchemeError(f"--ce-chunk-tokens must be a positive number of tokens, not {options.ce_chunk_tokens}")
     if options.final_loss not in ("ce", "mse"):
         raise SchemeError(f"--final-loss must be ce or mse, not {options.final_loss!r}")
     _dtype(options.act_dtype), _dtype(options.compute_dtype)

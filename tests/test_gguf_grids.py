@@ -19,7 +19,7 @@ import torch
 
 from formats.gguf_pack import GGUF_KIND_TYPES, pack_tensor
 from lfq_export.errors import SchemeError
-from lfq_export.grids import fake_quantize, grid_from_dict, registered_grid_kinds
+from lfq_export.grids import AffineGrid, fake_quantize, grid_from_dict, registered_grid_kinds, ste_round
 from lfq_export.grids.gguf import GGUF_GRIDS
 
 KINDS = list(GGUF_GRIDS)
@@ -244,11 +244,55 @@ def test_gradients_reach_scale_and_zero(kind):
     grid, w = GGUF_GRIDS[kind](), edge_weights(rows=12, seed=4)[4:]  # incl. one-signed and constant rows
     s0, z0 = grid.effective(grid.init_params(w))
     scale = (s0 * 1.01).requires_grad_()
-    zero = None if grid.symmetric else (z0 + 0.1).requires_grad_()
+    # a zero point moves the weights only through the codes it pushes out of range (straight-through, the
+    # rounding has no gradient): shift it far enough that the top codes clip
+    zero = None if grid.symmetric else (z0 + 0.7).requires_grad_()
     wq = fake_quantize(grid, w, grid.project(scale, zero))
     (wq - w).pow(2).sum().backward()
     for t in (scale,) if zero is None else (scale, zero):
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def _composed_fake_quantize(grid, w, params, divisor=None):
+    """The straight-through graph written out op by op (what `fake_quantize` fuses)."""
+    s, z = grid.effective(params)
+    x = grid.code_coordinates(w, s, z, divisor)
+    q = torch.clamp(ste_round(x), 0, grid.qmax).reshape(w.shape)
+    return grid.dequantize(q, params)
+
+
+@pytest.mark.parametrize("divisor", [False, True])
+@pytest.mark.parametrize("kind", KINDS + ["affine/b4/ch", "affine/b3/g64", "affine/b4/g32/sym"])
+def test_fused_straight_through_gradient_matches_the_composed_graph(kind, divisor):
+    """`fake_quantize`'s hand-written backward gives the autograd gradient of the op-by-op graph for
+    the weight, the scale, the zero and FlexRound's divisor, on every grid (edge rows included)."""
+    if kind.startswith("affine"):
+        bits, group, *sym = kind.split("/")[1:]
+        grid = AffineGrid(int(bits[1:]), 0 if group == "ch" else int(group[1:]), sym=bool(sym))
+    else:
+        grid = GGUF_GRIDS[kind]()
+    w0 = edge_weights(rows=12, seed=6)
+    s0, z0 = grid.effective(grid.init_params(w0))
+    d0 = torch.rand(w0.shape, generator=torch.Generator().manual_seed(2)) * 0.2 + 0.9
+    g_out = torch.randn(w0.shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for fn in (_composed_fake_quantize, fake_quantize):
+        w = w0.clone().requires_grad_()
+        scale = (s0 * 1.05).requires_grad_()
+        zero = None if grid.symmetric else (z0 + 0.3).requires_grad_()
+        d = d0.clone().requires_grad_() if divisor else None
+        out = fn(grid, w, grid.project(scale, zero), d)
+        (out * g_out).sum().backward()
+        results.append([out.detach()] + [None if t is None else t.grad for t in (w, scale, zero, d)])
+    ref, got = results
+    assert torch.equal(ref[0], got[0])
+    # the composed graph forms the zero's gradient as s·m·g − s·g summed over a group: exactly 0 where no
+    # code clips, up to float32 cancellation noise of the size of its terms
+    terms = float(s0.abs().max()) * float(g_out.abs().max()) * grid.group_size_for(w0.shape[1])
+    for name, r, g in zip(("weight", "scale", "zero", "divisor"), ref[1:], got[1:]):
+        if r is not None:
+            atol = 1e-6 * terms if name == "zero" else 1e-5 * float(r.abs().max()) + 1e-12
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("kind", KINDS)

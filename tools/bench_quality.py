@@ -6,8 +6,7 @@ final block (vs auto-round's SignRound when installed), same calibration and set
 
 Per run: WikiText-2 test perplexity, mean KL(FP‖Q) and top-1 agreement on that text, KL by position
 and the greedy prefix the quantized model reproduces on 256-token FP-greedy answers to GSM8K questions
-(chat template), quantization wall time and peak RSS (each run is its own process; the MSE and the
-LFQ run of a method share their identical blocks 0..L−2, see `run_method_pair`). Writes
+(chat template), quantization wall time and peak RSS (each run is its own uninterrupted process). Writes
 `results.json` (resumable: finished runs are skipped), `results.md` and PNG plots to --out.
 """
 
@@ -94,11 +93,11 @@ def _checked(cmd: list[str]) -> tuple[float, float]:
     return wall, rss
 
 
-def _run_info(out: Path, wall: float, rss: float, shared_wall: float = 0.0) -> dict:
+def _run_info(out: Path, wall: float, rss: float) -> dict:
     report = json.loads((out / "record.json").read_text())["report"]
     blocks = report.get("blocks", [])
     mse_secs = [b["seconds"] for b in blocks[:-1]]
-    return {**_coverage(out), "wall_s": wall, "peak_rss_mb": rss, "shared_blocks_wall_s": shared_wall,
+    return {**_coverage(out), "wall_s": wall, "peak_rss_mb": rss,
             "block_seconds_mean": sum(mse_secs) / max(len(mse_secs), 1),
             "final_block_seconds": blocks[-1]["seconds"] if blocks else None,
             "final_block": blocks[-1] if blocks else None}
@@ -118,28 +117,10 @@ def run_rtn(a, scheme: str, out: Path) -> dict:
     return _run_info(out, wall, rss)
 
 
-def run_method_pair(a, scheme: str, method: str, root: Path, n_layers: int) -> dict[str, dict]:
-    """The MSE and the LFQ run of one method. Blocks 0..L−2 are the same in both (same seed, same
-    losses), so they are computed once (`--stop-after-block L−2`), the unfinished run is copied, and
-    each copy finishes its last block with its own loss (`--resume`). Each run's wall time is the
-    shared part plus its own finish, as if it had run alone; the report records both."""
-    import shutil
-
-    from lfq_export.quantize import partial_dir
-
-    outs = {fl: root / f"{scheme}_{method}_{fl}" for fl in ("mse", "ce")}
-    shared = partial_dir(outs["mse"])
-    for o in outs.values():
-        shutil.rmtree(o, ignore_errors=True)
-        shutil.rmtree(partial_dir(o), ignore_errors=True)
-    shared_wall, shared_rss = _checked(_quantize_cmd(a, scheme, method, "mse", outs["mse"],
-                                                     "--stop-after-block", str(n_layers - 2)))
-    shutil.copytree(shared, partial_dir(outs["ce"]))
-    info = {}
-    for fl, out in outs.items():
-        wall, rss = _checked(_quantize_cmd(a, scheme, method, fl, out, "--resume"))
-        info[fl] = _run_info(out, shared_wall + wall, max(shared_rss, rss), shared_wall)
-    return info
+def run_method(a, scheme: str, method: str, final_loss: str, out: Path) -> dict:
+    """One uninterrupted `lfq-export quantize` process: its wall time is what a user waits."""
+    wall, rss = _checked(_quantize_cmd(a, scheme, method, final_loss, out, "--overwrite"))
+    return _run_info(out, wall, rss)
 
 
 def run_autoround(a, scheme: str, out: Path) -> dict:
@@ -193,30 +174,21 @@ def main() -> None:
     print("building FP reference (windows + greedy generations)...", flush=True)
     ref = FPReference.build(fp_model, tok, opts)
     with_ar = not a.no_autoround and autoround_available()
-    n_layers = src.n_layers
     plan = []  # scheme by scheme, so the runs whose times are compared ran close together
     for s in a.schemes:
         plan += [(s, "rtn", "mse")] + [(s, m, fl) for m in a.methods.split(",") for fl in ("mse", "ce")]
         plan += [(s, "autoround", "-")] if with_ar else []
-    pending: dict[str, dict] = {}  # runs quantized but not yet evaluated (the MSE/LFQ pairs)
     for scheme, method, final_loss in plan:
         key = f"{scheme}|{method}|{final_loss}"
         if key in runs:
             continue
-        root = a.out / "runs"
-        out = root / key.replace("|", "_")
+        out = a.out / "runs" / key.replace("|", "_")
         print(f"== {key}", flush=True)
         if method == "autoround":
             info = run_autoround(a, scheme, out)
             qmodel = AutoModelForCausalLM.from_pretrained(str(out / "fakequant"), dtype=torch.float32).eval()
         else:
-            if method == "rtn":
-                info = run_rtn(a, scheme, out)
-            else:
-                if key not in pending:
-                    pair = run_method_pair(a, scheme, method, root, n_layers)
-                    pending.update({f"{scheme}|{method}|{fl}": v for fl, v in pair.items()})
-                info = pending.pop(key)
+            info = run_rtn(a, scheme, out) if method == "rtn" else run_method(a, scheme, method, final_loss, out)
             qmodel = simulate(QuantizedModel.load(out))
         metrics = evaluate_model(ref, qmodel)
         runs[key] = {"scheme": scheme, "method": method, "final_loss": final_loss, **info, **metrics}
@@ -234,16 +206,20 @@ def main() -> None:
 
 def write_table(results: dict, path: Path) -> None:
     rows = ["| scheme | method | final block | WikiText-2 ppl | KL mean | top-1 | gen KL | gen top-1 | "
-            "greedy prefix | quant time (s) | final/MSE block time | peak RSS (MB) | linears quantized |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "greedy prefix | quant time (s) | time / auto-round | final/MSE block time | peak RSS (MB) | "
+            "linears quantized |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ar_wall = {r["scheme"]: r["wall_s"] for r in results["runs"].values() if r["method"] == "autoround"}
     for r in results["runs"].values():
         ratio = (r["final_block_seconds"] / r["block_seconds_mean"]
                  if r.get("final_block_seconds") and r.get("block_seconds_mean") else None)
+        vs_ar = r["wall_s"] / ar_wall[r["scheme"]] if r["scheme"] in ar_wall else None
         rows.append(
             f"| {r['scheme']} | {r['method']} | {r['final_loss']} | {r.get('ppl', float('nan')):.3f} | "
             f"{r.get('kl_mean', float('nan')):.4f} | {r.get('top1_agreement', float('nan')):.3f} | "
             f"{r.get('gen_kl_mean', float('nan')):.4f} | {r.get('gen_top1_agreement', float('nan')):.3f} | "
             f"{r.get('gen_prefix_match_mean', float('nan')):.1f} | {r['wall_s']:.0f} | "
+            f"{'' if vs_ar is None else f'{vs_ar:.2f}'} | "
             f"{'' if ratio is None else f'{ratio:.2f}'} | {r['peak_rss_mb']:.0f} | "
             f"{r.get('linears_quantized', '?')}/{r.get('linears_total', '?')} |")
     fp = next(iter(results["runs"].values()), {}).get("ppl_fp")
