@@ -112,11 +112,6 @@ def _coverage(out: Path) -> dict:
             "linears_left_fp": kept}
 
 
-def run_rtn(a, scheme: str, out: Path) -> dict:
-    wall, rss = _checked(_quantize_cmd(a, scheme, "rtn", "mse", out, "--overwrite"))
-    return _run_info(out, wall, rss)
-
-
 def run_method(a, scheme: str, method: str, final_loss: str, out: Path) -> dict:
     """One uninterrupted `lfq-export quantize` process: its wall time is what a user waits."""
     wall, rss = _checked(_quantize_cmd(a, scheme, method, final_loss, out, "--overwrite"))
@@ -188,7 +183,7 @@ def main() -> None:
             info = run_autoround(a, scheme, out)
             qmodel = AutoModelForCausalLM.from_pretrained(str(out / "fakequant"), dtype=torch.float32).eval()
         else:
-            info = run_rtn(a, scheme, out) if method == "rtn" else run_method(a, scheme, method, final_loss, out)
+            info = run_method(a, scheme, method, final_loss, out)
             qmodel = simulate(QuantizedModel.load(out))
         metrics = evaluate_model(ref, qmodel)
         runs[key] = {"scheme": scheme, "method": method, "final_loss": final_loss, **info, **metrics}

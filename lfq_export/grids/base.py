@@ -249,7 +249,7 @@ class _StraightThroughQuant(torch.autograd.Function):
     """Value: `grid.dequantize` of the nearest codes (exact). Gradient, per group with
     `x = w/(s·d) + z`, `q = clamp(round(x))` and `m` = "x rounds inside the code range, s ≠ 0":
     ∂/∂w = m/d, ∂/∂d = −m·w/d², ∂/∂s = Σ (m ? q − x : q − z), ∂/∂z = −s·Σ (1 − m).
-    Every step is one pass over the weight (no `[out, in]` temporaries beyond the saved two)."""
+    Only `m` and `∂ŵ/∂s` are kept for the backward, which is then two or three passes over the weight."""
 
     @staticmethod
     def forward(ctx, grid: Grid, w, s, z, divisor, params: Params):  # type: ignore[override]
