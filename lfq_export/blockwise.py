@@ -210,6 +210,7 @@ class BlockRunner:
                            {"index": k, "method": "rtn", "seconds": time.perf_counter() - t0})
 
     def _run_with_data(self, skeleton, calib_ids, grids, done, on_block_done, n: int) -> None:
+        keep_freed_memory()
         ns, seqlen = calib_ids.shape
         hidden = int(self.source.config.hidden_size)
         embed = self._embedding(skeleton)
@@ -230,13 +231,16 @@ class BlockRunner:
                 block = self._fp_block(skeleton, k)
                 self._propagate(block, kw, fp)  # fp now holds the FP target of block k
                 prefix = self.adapter.block_prefix(k)
+                last = k == self.source.n_layers - 1
                 if k in done:  # finished by an earlier run: reuse its exact weights
                     _apply_exact(block, prefix, done[k])
+                    self._propagate(block, kw, qt)
                 else:
-                    if k == self.source.n_layers - 1 and self.s.final_loss == "ce":
+                    if last and self.s.final_loss == "ce":
                         head = self._logit_head(skeleton)
-                    on_block_done(k, self._optimise_block(block, k, grids.get(k, {}), kw, qt, fp, head))
-                self._propagate(block, kw, qt)
+                    # qt becomes the block's output in there (nothing needs the last block's)
+                    on_block_done(k, self._optimise_block(block, k, grids.get(k, {}), kw, qt, fp, head,
+                                                          propagate=not last))
                 self.adapter.get_blocks(skeleton)[k] = block.to("meta")
         finally:
             fp.close()
@@ -264,8 +268,11 @@ class BlockRunner:
 
     # ---- optimisation ------------------------------------------------------------------------
     def _optimise_block(self, block: nn.Module, k: int, grids: dict[str, Grid], kw: dict[str, Any],
-                        q_in: ActivationStore, target: ActivationStore, head: LogitHead | None) -> BlockResult:
-        """Learn block k's quantization: MSE to the FP output, or (head given) LFQ soft CE."""
+                        q_in: ActivationStore, target: ActivationStore, head: LogitHead | None,
+                        propagate: bool = False) -> BlockResult:
+        """Learn block k's quantization: MSE to the FP output, or (head given) LFQ soft CE. With
+        `propagate`, `q_in` is then replaced by the quantized block's output, and the final loss is read
+        from it instead of a forward of its own; `seconds` excludes that propagation."""
         t0 = time.perf_counter()
         prefix = self.adapter.block_prefix(k)
         cfg = self.s.final_cfg if k == self.source.n_layers - 1 else self.s.block_cfg
@@ -292,7 +299,14 @@ class BlockRunner:
         for rel, lin in originals.items():
             _set_submodule(block, rel, lin)
         quantized = self._finalize(block, prefix, learners)
-        after = self._evaluate(block, kw, q_in, target, head, eval_idx, teacher)
+        seconds = time.perf_counter() - t0
+        if propagate:
+            t1 = time.perf_counter()
+            self._propagate(block, kw, q_in)
+            seconds -= time.perf_counter() - t1
+        t1 = time.perf_counter()
+        after = self._evaluate(block, kw, q_in, target, head, eval_idx, teacher, outputs_given=propagate)
+        seconds += time.perf_counter() - t1
         report = {
             "index": k,
             "method": self.s.method,
@@ -303,7 +317,7 @@ class BlockRunner:
             "final": after,
             "train_loss_first": losses[0] if losses else None,
             "train_loss_last": losses[-1] if losses else None,
-            "seconds": round(time.perf_counter() - t0, 3),
+            "seconds": round(seconds, 3),
         }
         if head is not None:
             report["ce_token_fraction"] = round(fraction or 1.0, 4)
@@ -326,7 +340,9 @@ class BlockRunner:
     def _train(self, block, k, kw, q_in, target, head, learners, cfg: MethodConfig,
                teacher: TeacherCache | None = None, token_fraction: float | None = 1.0) -> list[float]:
         groups = [g for lrn in learners.values() for g in lrn.param_groups(cfg) if g["params"]]
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
+        # fused: one kernel per tensor instead of a dozen passes over FlexRound's S2 and Block-AP's weights
+        # (as large as the block's weights)
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.wd, fused=True)
         # cosine decay to lr/20 (EfficientQAT's schedule; FlexRound and OmniQuant use a similar one)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda it: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / max(cfg.iters, 1))))
@@ -373,14 +389,19 @@ class BlockRunner:
         return losses
 
     @torch.no_grad()
-    def _evaluate(self, block, kw, q_in, target, head, idx: list[int], teacher=None) -> dict[str, float]:
-        """Block MSE on `idx` samples, plus CE/KL/top-1 agreement through the head if given."""
+    def _evaluate(self, block, kw, q_in, target, head, idx: list[int], teacher=None,
+                  outputs_given: bool = False) -> dict[str, float]:
+        """Block MSE on `idx` samples, plus CE/KL/top-1 agreement through the head if given.
+        `outputs_given`: `q_in` already holds the block's outputs."""
         sq, n, stats = 0.0, 0, CEStats()
         step = _forward_batch(q_in)
         for a in range(0, len(idx), step):
             sl = idx[a : a + step]
-            with self._autocast():
-                y = block(q_in.get(sl).to(self.device), **kw).float()
+            if outputs_given:
+                y = q_in.get(sl).to(self.device)
+            else:
+                with self._autocast():
+                    y = block(q_in.get(sl).to(self.device), **kw).float()
             t = target.get(sl).to(self.device)
             sq += float(F.mse_loss(y, t, reduction="sum"))
             n += t.numel()
@@ -418,6 +439,21 @@ _EVAL_SAMPLES = 8
 #: the same for the LFQ block, whose evaluation (full-vocabulary logits, KL, agreement: ~0.15 s a
 #: sample for SmolLM2, twice) would otherwise be a tenth of the block's cost
 _EVAL_SAMPLES_HEAD = 1
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning it to the kernel: block-wise training frees
+    and re-allocates the same few-MB tensors every step, and re-faulting those pages cost ~5 % of the
+    run. Peak memory is unchanged (what is kept is what the run already used)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest; bigger blocks are still mapped per call
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def _forward_batch(store: ActivationStore) -> int:

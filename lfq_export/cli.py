@@ -222,25 +222,8 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in getattr(args, "_format_dests", [])}
 
 
-def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory instead of returning it to the kernel: block-wise training frees
-    and re-allocates the same few-MB tensors every step, and re-faulting those pages cost ~5 % of the
-    run. Peak memory is unchanged (what is kept is what the run already used)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest; bigger blocks are still mapped per call
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import QuantizeOptions, quantize
-
-    _keep_freed_memory()
 
     if args.device != "cpu":
         import torch
