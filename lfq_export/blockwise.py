@@ -234,7 +234,8 @@ class BlockRunner:
                 last = k == self.source.n_layers - 1
                 if k in done:  # finished by an earlier run: reuse its exact weights
                     _apply_exact(block, prefix, done[k])
-                    self._propagate(block, kw, qt)
+                    if not last:
+                        self._propagate(block, kw, qt)
                 else:
                     if last and self.s.final_loss == "ce":
                         head = self._logit_head(skeleton)
@@ -300,10 +301,8 @@ class BlockRunner:
             _set_submodule(block, rel, lin)
         quantized = self._finalize(block, prefix, learners)
         seconds = time.perf_counter() - t0
-        if propagate:
-            t1 = time.perf_counter()
+        if propagate:  # not counted in the block's time
             self._propagate(block, kw, q_in)
-            seconds -= time.perf_counter() - t1
         t1 = time.perf_counter()
         after = self._evaluate(block, kw, q_in, target, head, eval_idx, teacher, outputs_given=propagate)
         seconds += time.perf_counter() - t1
