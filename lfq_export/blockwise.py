@@ -51,13 +51,14 @@ class BlockSettings:
         ce_chunk_tokens: tokens per logit chunk in the LFQ loss (None: `auto_chunk_tokens`).
         compute_dtype: autocast dtype of every block forward — optimisation steps, propagation of the
             calibration activations, evaluation (bf16 matmuls are 2–3× faster on AVX-512-BF16 CPUs and
-            are what auto-round uses on CPU; the exported weights are exact either way).
+            are what auto-round uses there; on CPUs without bf16 matmuls they are emulated, 7× slower, and
+            `QuantizeOptions(compute_dtype="auto")` picks fp32; the exported weights are exact either way).
         teacher_cache_gb: cache the FP model's log-probabilities of every calibration token (fp16) for
             the LFQ block when they fit in this many GB (and in half the free memory): one logit matmul
             fewer per step. 0 disables it.
         ce_token_fraction: each step, the LFQ loss uses this random fraction of the batch's tokens
             (an unbiased estimate of the token-mean gradient at a fraction of the head's cost). 1.0 = all;
-            None = `auto_token_fraction`: the head then costs about what the block costs.
+            None = `auto_token_fraction`: the head then costs a little less than the block.
     """
 
     method: str = "rtn"
@@ -66,7 +67,7 @@ class BlockSettings:
     final_cfg: MethodConfig = field(default_factory=lambda: MethodConfig(iters=0, lr=0.0))
     seed: int = 0
     ce_chunk_tokens: int | None = None
-    compute_dtype: torch.dtype = torch.bfloat16
+    compute_dtype: torch.dtype = torch.float32
     teacher_cache_gb: float = 4.0
     ce_token_fraction: float | None = 1.0
 
@@ -83,11 +84,17 @@ def auto_chunk_tokens(vocab: int) -> int:
 
 
 def auto_token_fraction(block_weights: int, head_weights: int) -> float:
-    """Fraction of tokens whose head matmuls (teacher logits, student logits, gradient: 3 per token)
-    cost about what the block's forward and backward (3 matmuls per token) cost: one step of the LFQ
-    block then costs about two of an MSE block. Measured on SmolLM2-135M (head 8× a block): held-out
-    KL 0.058 with every token, 0.061 with 12 % (`tools/profile_final_block.py`)."""
-    return min(1.0, block_weights / max(head_weights, 1))
+    """Fraction of tokens whose head matmuls (teacher and student logits, gradient: 3 per token) cost
+    `_HEAD_SHARE` of the FLOPs of the block's forward and backward (3 matmuls per token): with the
+    softmax passes over `[vocab, tokens]` and the head's wider GEMMs (less efficient on CPUs), one LFQ
+    step then costs at most about two MSE steps. At equal FLOPs (share 1) it cost 2.0-2.3 MSE blocks on
+    an AVX-512-BF16 Xeon and an AVX2 EPYC. SmolLM2-135M (head 8× a block): 9.4 % of the tokens; held-out
+    KL at the head 0.058 with every token, 0.060 with 12.5 %, 0.068 with 6.25 % (`tools/profile_final_block.py`)."""
+    return min(1.0, _HEAD_SHARE * block_weights / max(head_weights, 1))
+
+
+#: the head's share of the LFQ step's matmul FLOPs relative to the block's (see `auto_token_fraction`)
+_HEAD_SHARE = 0.75
 
 
 @dataclass
@@ -370,7 +377,7 @@ class BlockRunner:
                     tl = None if tl is None else tl.flatten(0, 1)
                 loss, _ = chunked_soft_ce_backward(
                     head, yq, yt, chunk_tokens=self._chunk_tokens(head), stats=False,
-                    teacher_logp=None if tl is None else tl.to(self.device), grad_dtype=torch.bfloat16,
+                    teacher_logp=None if tl is None else tl.to(self.device), grad_dtype=self._logit_dtype(),
                     logit_dtype=self._logit_dtype())
             else:
                 loss = F.mse_loss(y.float(), y_fp)
@@ -467,8 +474,11 @@ def _set_submodule(root: nn.Module, rel: str, module: nn.Module) -> None:
 
 
 def _has_bad_grad(learners: dict[str, LinearQuantizer]) -> bool:
-    return any(p.grad is not None and not torch.isfinite(p.grad).all()
-               for lrn in learners.values() for p in lrn.parameters())
+    """True if a gradient holds a NaN or an infinity. One reading pass per tensor (its sum, which is not
+    finite if any element is, or if the sum itself overflows: a diverging step either way), instead of
+    `isfinite().all()`'s three weight-sized passes: 8 ms of a FlexRound step on a 2-core AVX2 CPU."""
+    sums = [p.grad.sum() for lrn in learners.values() for p in lrn.parameters() if p.grad is not None]
+    return bool(sums) and not bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def _to_device(kw: dict[str, Any], device: torch.device) -> dict[str, Any]:

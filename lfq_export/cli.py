@@ -93,15 +93,17 @@ def _add_quantize(sub) -> None:
                    "fresh from the kernel every time and run 3-5x slower here)")
     o.add_argument("--ce-token-fraction", type=_fraction_or_auto, default=None, metavar="F|auto",
                    help="LFQ block: random fraction of each batch's tokens sent through the head each step (an "
-                   "unbiased estimate of the loss). auto (default): as many tokens as make the head cost what the "
-                   "block costs, i.e. min(1, block weights / head weights) — 12%% for SmolLM2, ~40%% for 7B models; "
-                   "1 = every token")
+                   "unbiased estimate of the loss). auto (default): as many tokens as make the head's matmuls 3/4 of "
+                   "the block's, i.e. min(1, 0.75 x block weights / head weights) — 9.4%% for SmolLM2, ~30%% for "
+                   "Llama-3-8B — so the LFQ block costs at most about 2 MSE blocks; 1 = every token")
     o.add_argument("--teacher-cache-gb", type=float, default=4.0,
                    help="LFQ block: cache the FP model's log-probs of calibration tokens up to this size (0: off)")
-    o.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+    o.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype of every block forward: optimisation steps, propagation of the calibration "
-                   "activations, evaluation (default bfloat16: 2-3x faster matmuls on AVX-512-BF16 CPUs; norms and "
-                   "softmax stay fp32; exported weights are exact either way)")
+                   "activations, evaluation, LFQ logits. auto (default): bfloat16 where the hardware has bf16 "
+                   "matmuls (AVX-512-BF16/AMX CPUs: 2-3x faster than fp32; CUDA GPUs with bf16), float32 elsewhere "
+                   "(an AVX2 CPU emulates bf16 7x slower than fp32). Norms and softmax stay fp32; the exported "
+                   "weights are exact either way")
     s = p.add_argument_group("model handling")
     s.add_argument("--keep-head-fp", action="store_true", help="keep embedding and LM head in FP (GGUF mixes quantize them)")
     s.add_argument("--skip-unquantizable", action="store_true",

@@ -46,6 +46,14 @@ class LogitHead(nn.Module):
         z = F.linear(hn.to(dtype), self.weight_as(dtype)).float()
         return z if self.bias is None else z.add_(self.bias)
 
+    def vocab_major_logits(self, hn: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """fp32 logits of normed rows `hn` `[T, hidden]`, transposed: `[vocab, T]`, computed as
+        `W @ hn.T`. For a few dozen rows that product runs ~1.5× faster than `hn @ W.T` on a 2-core
+        AVX2 CPU (MKL; 51 against 77 ms for 64 rows of SmolLM2's head), and so does its gradient
+        `W.T @ g` (40 against 57 ms)."""
+        z = (self.weight_as(dtype) @ hn.to(dtype).t()).float()
+        return z if self.bias is None else z.add_(self.bias[:, None])
+
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The head weight in `dtype`, cast once and kept (bf16 matmuls are 2–3× faster on this CPU)."""
         if dtype == torch.float32:
@@ -155,11 +163,12 @@ def chunked_soft_ce_backward(
     The gradient of the soft CE w.r.t. the student logits is `softmax(z_Q) − p_FP` (per token, divided
     by the number of valid tokens), so it is formed directly — no autograd graph over `[tokens, vocab]`
     tensors — and sent through the head with one matmul; autograd takes over at the (cheap) final norm.
-    This keeps the per-chunk work to the two logit matmuls, one gradient matmul and a few in-place passes.
+    This keeps the per-chunk work to one logit matmul (student and teacher rows together), one gradient
+    matmul and a few in-place passes over vocab-major `[V, T]` logits.
     `grad_dtype=torch.bfloat16` runs the gradient matmul in bf16 (2–3× faster on AVX-512-BF16 CPUs; its
-    rounding is far below the optimiser's own noise; the engine uses it). `logit_dtype=torch.bfloat16`
-    does the same for the student's and the teacher's logits (with `--compute-dtype bfloat16`, the
-    default: bf16 matmul inputs, fp32 accumulation, softmax in fp32). `teacher_logp` (`[..., vocab]`,
+    rounding is far below the optimiser's own noise; the engine uses it with bf16 compute).
+    `logit_dtype=torch.bfloat16` does the same for the student's and the teacher's logits (with bf16
+    compute: bf16 matmul inputs, fp32 accumulation, softmax in fp32). `teacher_logp` (`[..., vocab]`,
     any float dtype) replaces the teacher forward when the teacher's log-probabilities were cached.
     Returns the loss value (detached) and summed statistics (`stats=False` skips the diagnostics)."""
     shape = h_q.shape
@@ -172,31 +181,34 @@ def chunked_soft_ce_backward(
     leaf = flat_q.detach().requires_grad_(backward)
     out = CEStats(tokens=float(m.sum()))
     total = 0.0
+    if flat_tl is None:  # teacher and student rows share one logit matmul (one pass over the head, whose
+        chunk_tokens = max(1, chunk_tokens // 2)  # weights dominate at ~64 rows): half the chunk, same memory
     for a in range(0, flat_q.shape[0], chunk_tokens):
         b = min(a + chunk_tokens, flat_q.shape[0])
         mc = m[a:b]
         with torch.set_grad_enabled(backward):
             hn = head.norm(leaf[a:b])
-        with torch.no_grad():
-            z = head.logits_of_normed(hn.detach(), logit_dtype)  # student logits [T, V]
+        with torch.no_grad():  # vocab-major: logits and probabilities are [V, T] (`vocab_major_logits`)
             if flat_tl is not None:
-                p = flat_tl[a:b].float().exp_()
-                p.div_(p.sum(-1, keepdim=True))  # renormalise after the cache's rounding
-            else:  # teacher logits, in the same dtype as the student's
-                zt = head.logits(flat_fp[a:b], logit_dtype)
-                p = zt.sub_(torch.logsumexp(zt, dim=-1)[:, None]).exp_()  # teacher probabilities (in place)
-            lse = torch.logsumexp(z, dim=-1)
-            pz = (p * z).sum(-1)
+                z = head.vocab_major_logits(hn.detach(), logit_dtype)  # student logits
+                p = flat_tl[a:b].float().t().contiguous().exp_()
+                p.div_(p.sum(0))  # renormalise after the cache's rounding
+            else:  # student and teacher logits, in one matmul in the same dtype
+                both = head.vocab_major_logits(torch.cat([hn.detach(), head.norm(flat_fp[a:b])]), logit_dtype)
+                z, zt = both[:, : b - a], both[:, b - a :]
+                p = zt.sub_(torch.logsumexp(zt, dim=0)).exp_()  # teacher probabilities (in place)
+            lse = torch.logsumexp(z, dim=0)
+            pz = (p * z).sum(0)
             ce = (lse - pz) * mc  # −Σ p·log q = lse − Σ p·z, since Σ p = 1
             total += float(ce.sum() / n_valid)
             if stats:
                 out.ce += float(ce.sum())
-                logp_dot_p = (p * torch.log(p.clamp_min(1e-38))).sum(-1)
+                logp_dot_p = (p * torch.log(p.clamp_min(1e-38))).sum(0)
                 out.kl += float(((lse - pz + logp_dot_p) * mc).sum())
-                out.top1_agree += float(((p.argmax(-1) == z.argmax(-1)).float() * mc).sum())
+                out.top1_agree += float(((p.argmax(0) == z.argmax(0)).float() * mc).sum())
             if backward:
-                g = z.sub_(lse[:, None]).exp_().sub_(p).mul_((mc / n_valid)[:, None])  # softmax(z) − p
-                g_hn = (g.to(grad_dtype) @ w_g).float()
+                g = z.sub_(lse).exp_().sub_(p).mul_(mc / n_valid)  # softmax(z) − p, [V, T]
+                g_hn = (w_g.t() @ g.to(grad_dtype)).t().float()
         if backward:
             hn.backward(g_hn)
     if backward:

@@ -261,11 +261,25 @@ def _composed_fake_quantize(grid, w, params, divisor=None):
     return grid.dequantize(q, params)
 
 
+@pytest.fixture(params=["c-kernel", "eager"])
+def straight_through_impl(request, monkeypatch):
+    """Both implementations of `fake_quantize`'s fused straight-through function: the C kernel
+    (`grids.fused`, which must have compiled here: CI has a C compiler) and the eager fallback."""
+    import lfq_export.grids.base as base
+
+    if request.param == "c-kernel":
+        assert base.fused_available(torch.zeros(1)), "the fused fake-quantization kernel did not compile"
+    else:
+        monkeypatch.setattr(base, "fused_available", lambda *t: False)
+    return request.param
+
+
 @pytest.mark.parametrize("divisor", [False, True])
 @pytest.mark.parametrize("kind", KINDS + ["affine/b4/ch", "affine/b3/g64", "affine/b4/g32/sym"])
-def test_fused_straight_through_gradient_matches_the_composed_graph(kind, divisor):
-    """`fake_quantize`'s hand-written backward gives the autograd gradient of the op-by-op graph for
-    the weight, the scale, the zero and FlexRound's divisor, on every grid (edge rows included)."""
+def test_fused_straight_through_gradient_matches_the_composed_graph(kind, divisor, straight_through_impl):
+    """`fake_quantize`'s hand-written backward (C kernel and eager) gives the autograd gradient of the
+    op-by-op graph for the weight, the scale, the zero and FlexRound's divisor, on every grid (edge rows
+    included), and its value bit for bit."""
     if kind.startswith("affine"):
         bits, group, *sym = kind.split("/")[1:]
         grid = AffineGrid(int(bits[1:]), 0 if group == "ch" else int(group[1:]), sym=bool(sym))

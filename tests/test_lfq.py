@@ -173,3 +173,11 @@ def test_logit_head_reproduces_the_models_logits(tiny_model_factory, tied):
         h = h[0] if isinstance(h, tuple) else h
         head = BlockRunner(src, BlockSettings(), progress=False)._logit_head(src.skeleton())
         torch.testing.assert_close(head(h), out.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_run_records_the_compute_dtype_it_used(two_block_model, tinystories_text, tmp_path):
+    """`--compute-dtype auto` (the default) is resolved before the run and the report names the result."""
+    from lfq_export.quantize import resolve_compute_dtype
+
+    rec = _run(two_block_model, tmp_path / "d", tinystories_text, iters=2)
+    assert rec.report["settings"]["compute_dtype"] == resolve_compute_dtype("auto", "cpu") != "auto"

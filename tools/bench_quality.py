@@ -158,6 +158,7 @@ def main() -> None:
     if {k: v for k, v in results.get("settings", settings).items() if k not in listing} != settings:
         raise SystemExit(f"{results_path} was made with other settings; use another --out")
     results["settings"] = settings
+    results["machine"] = _machine()
     runs = results.setdefault("runs", {})
 
     torch.manual_seed(a.seed)
@@ -199,6 +200,23 @@ def main() -> None:
     print((a.out / "results.md").read_text())
 
 
+def _machine() -> dict:
+    """The CPU the times were measured on and the compute dtype `auto` resolves to there."""
+    import platform
+
+    import torch
+
+    from lfq_export.quantize import resolve_compute_dtype
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "compute_dtype": resolve_compute_dtype("auto", "cpu")}
+
+
 def write_table(results: dict, path: Path) -> None:
     rows = ["| scheme | method | final block | WikiText-2 ppl | KL mean | top-1 | gen KL | gen top-1 | "
             "greedy prefix | quant time (s) | time / auto-round | final/MSE block time | peak RSS (MB) | "
@@ -219,6 +237,9 @@ def write_table(results: dict, path: Path) -> None:
             f"{r.get('linears_quantized', '?')}/{r.get('linears_total', '?')} |")
     fp = next(iter(results["runs"].values()), {}).get("ppl_fp")
     rows.append(f"\nFP perplexity: {fp:.3f}" if fp else "")
+    m = results.get("machine")
+    if m:
+        rows.append(f"\nMachine: {m['cpu']}, {m['threads']} threads, compute dtype {m['compute_dtype']}")
     path.write_text("\n".join(rows) + "\n")
 
 

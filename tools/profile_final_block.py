@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "quantize does, instead of the FP one; the targets stay the FP blocks on the FP trajectory")
     p.add_argument("--ce-token-fraction", nargs="+", default=["auto", "1"],
                    help="LFQ variants to time (fraction of each batch's tokens sent through the head, or auto)")
-    p.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                   help="as lfq-export quantize --compute-dtype (default bfloat16)")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="as lfq-export quantize --compute-dtype (default auto)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="cProfile one LFQ block (the first variant)")
     p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "final_block")

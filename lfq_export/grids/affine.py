@@ -40,6 +40,7 @@ class AffineGrid(Grid):
     """
 
     kind = "affine"
+    value_is_effective_affine = True
     bit_width: int = 4
     group_size: int = 128
     sym: bool = False
