@@ -3,9 +3,9 @@
 Eagerly, one fake-quantization is a dozen weight-sized tensor passes forward and a handful backward;
 on a 2-core AVX2 CPU that was ~30 % of a profiled optimisation step of a SmolLM2 block. This kernel
 does the forward in one pass over the weight (read `w`, write the value) and the backward in one more
-(read `w` and the incoming gradient, write the weight/divisor gradients and the per-group scale/zero sums): `x = z + (w / d) / s`,
-`q = clamp(round_half_even(x), 0, qmax)`, value `s·(q − z)` (or the codes, for the grid's own
-`dequantize`), and in the backward the same `x`, recomputed bit for bit instead of stored.
+(read `w` and the incoming gradient, write the weight/divisor gradients and the per-group scale/zero
+sums): `x = z + (w / d) / s`, `q = clamp(round_half_even(x), 0, qmax)`, value `s·(q − z)` (or the
+codes, for the grid's own `dequantize`), and in the backward the same `x`, recomputed bit for bit instead of stored.
 
 Every forward operation is one IEEE-754 fp32 operation in torch's order (divide, divide, add, round
 half to even, clamp, subtract, multiply), compiled without contraction or fast-math, so the value is
@@ -165,8 +165,10 @@ def _compile() -> ctypes.CDLL | None:
     if cc is None:
         log.info("no C compiler: fake-quantization runs eagerly")
         return None
+    from ..model_io import cache_root  # (lazy: model_io imports the grids)
+
     digest = hashlib.sha256((_SOURCE + _cpu_key()).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LFQ_EXPORT_CACHE", Path.home() / ".cache" / "lfq-export")) / "kernels"
+    cache = cache_root() / "kernels"
     lib_path = cache / f"stq_{digest}.so"
     if not lib_path.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -200,7 +202,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def fused_available(*tensors: torch.Tensor | None) -> bool:
-    """True when the kernel can take these tensors: contiguous fp32 on the CPU, and it compiled."""
+    """True when the kernel can take these tensors (fp32, on the CPU) and it compiled."""
     ok = all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
     return ok and _library() is not None
 
@@ -213,17 +215,17 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _run_rows(fn, rows: int, *args) -> None:
-    """Call `fn(*args, row0, row1, ...)` over row ranges, one per intra-op thread (ctypes drops the GIL)."""
+def _run_rows(fn, rows: int, pointers: tuple, shape: tuple) -> None:
+    """`fn(*pointers, row0, row1, *shape)` over row ranges, one per intra-op thread (ctypes drops the GIL)."""
     global _pool, _pool_size
     workers = max(1, min(_threads(), rows))
-    bounds = [rows * i // workers for i in range(workers + 1)]
     if workers == 1:
-        fn(*args[:-3], 0, rows, *args[-3:])
+        fn(*pointers, 0, rows, *shape)
         return
     if _pool is None or _pool_size < workers:
         _pool, _pool_size = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lfq-stq"), workers
-    futures = [_pool.submit(fn, *args[:-3], bounds[i], bounds[i + 1], *args[-3:]) for i in range(workers)]
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    futures = [_pool.submit(fn, *pointers, bounds[i], bounds[i + 1], *shape) for i in range(workers)]
     for f in futures:
         f.result()
 
@@ -236,8 +238,8 @@ def fused_forward(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, divisor: to
     ng = s.shape[-1]
     result = torch.empty_like(w)
     value, codes = (result, None) if affine_value else (None, result)
-    _run_rows(_library().stq_forward, out, _ptr(w), _ptr(divisor), _ptr(s), _ptr(z), _ptr(value), _ptr(codes),
-              ng, inn // ng, float(qmax))
+    _run_rows(_library().stq_forward, out, (_ptr(w), _ptr(divisor), _ptr(s), _ptr(z), _ptr(value), _ptr(codes)),
+              (ng, inn // ng, float(qmax)))
     return result
 
 
@@ -251,6 +253,7 @@ def fused_backward(grad: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torc
     gw = torch.empty_like(w)  # the kernel always writes every gradient (a branch-free loop)
     gd = None if divisor is None else torch.empty_like(w)
     gs, gz = torch.empty_like(s), torch.empty_like(s)
-    _run_rows(_library().stq_backward, out, _ptr(grad), _ptr(w), _ptr(divisor), _ptr(s), _ptr(z),
-              _ptr(gw), _ptr(gd), _ptr(gs), _ptr(gz), ng, inn // ng, float(qmax))
+    _run_rows(_library().stq_backward, out,
+              (_ptr(grad), _ptr(w), _ptr(divisor), _ptr(s), _ptr(z), _ptr(gw), _ptr(gd), _ptr(gs), _ptr(gz)),
+              (ng, inn // ng, float(qmax)))
     return gw if need_w else None, gd if need_d else None, gs if need_s else None, gz if need_z else None
