@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ce_kernel import ce_kernel_available, column_terms, softmax_gap
+
 __all__ = ["LogitHead", "soft_ce", "chunked_soft_ce_backward", "teacher_log_probs", "TeacherCache", "CEStats"]
 
 
@@ -125,6 +127,41 @@ class CEStats:
         return {"ce": self.ce / n, "kl": self.kl / n, "top1_agreement": self.top1_agree / n}
 
 
+@dataclass
+class _VocabTerms:
+    """Per-token terms of one `[V, T]` chunk: CE, KL and top-1 agreement (None unless asked), and the
+    `[V, T]` gradient of the weighted CE with respect to the student logits (None unless asked)."""
+
+    ce: torch.Tensor
+    kl: torch.Tensor | None
+    agree: torch.Tensor | None
+    grad: torch.Tensor | None
+
+
+def _vocab_terms(z: torch.Tensor, u: torch.Tensor, stats: bool, grad_scale: torch.Tensor | None,
+                 grad_dtype: torch.dtype) -> _VocabTerms:
+    """Soft CE of student logits `z` against the teacher softmax(`u`), both `[V, T]` (u: logits or
+    log-probabilities). CE = lse(z) − Σ p·z since Σ p = 1; KL = CE + Σ p·log p; the gradient is
+    (softmax(z) − p) · `grad_scale`. The fused kernel (`ce_kernel`) does it in three passes; the eager
+    path is its reference and the fallback."""
+    if ce_kernel_available(z, u) and grad_dtype in (torch.float32, torch.bfloat16):
+        lse, lse_u, pz, pu, az, au = column_terms(z, u, argmax=stats)
+        ce = lse - pz
+        grad = None if grad_scale is None else softmax_gap(z, u, lse, lse_u, grad_scale, grad_dtype)
+        return _VocabTerms(ce, ce + (pu - lse_u) if stats else None, (az == au).float() if stats else None, grad)
+    logp = u - torch.logsumexp(u, dim=0)
+    p = logp.exp()
+    lse = torch.logsumexp(z, dim=0)
+    ce = lse - (p * z).sum(0)
+    kl = agree = grad = None
+    if stats:
+        kl = ce + (p * logp).sum(0)
+        agree = (u.argmax(0) == z.argmax(0)).float()
+    if grad_scale is not None:
+        grad = (z - lse).exp_().sub_(p).mul_(grad_scale)
+    return _VocabTerms(ce, kl, agree, grad)
+
+
 def _chunk_terms(head: LogitHead, h_q: torch.Tensor, h_fp: torch.Tensor, m: torch.Tensor):
     """Per-token CE, teacher entropy and top-1 agreement for one chunk of flattened tokens."""
     logq = torch.log_softmax(head(h_q), dim=-1)
@@ -164,7 +201,7 @@ def chunked_soft_ce_backward(
     by the number of valid tokens), so it is formed directly — no autograd graph over `[tokens, vocab]`
     tensors — and sent through the head with one matmul; autograd takes over at the (cheap) final norm.
     This keeps the per-chunk work to one logit matmul (student and teacher rows together), one gradient
-    matmul and a few in-place passes over vocab-major `[V, T]` logits.
+    matmul and three passes over the vocab-major `[V, T]` logits (`ce_kernel`; eagerly about ten).
     `grad_dtype=torch.bfloat16` runs the gradient matmul in bf16 (2–3× faster on AVX-512-BF16 CPUs; its
     rounding is far below the optimiser's own noise; the engine uses it with bf16 compute).
     `logit_dtype=torch.bfloat16` does the same for the student's and the teacher's logits (with bf16
@@ -188,27 +225,22 @@ def chunked_soft_ce_backward(
         mc = m[a:b]
         with torch.set_grad_enabled(backward):
             hn = head.norm(leaf[a:b])
-        with torch.no_grad():  # vocab-major: logits and probabilities are [V, T] (`vocab_major_logits`)
-            if flat_tl is not None:
-                z = head.vocab_major_logits(hn.detach(), logit_dtype)  # student logits
-                p = flat_tl[a:b].float().t().contiguous().exp_()
-                p.div_(p.sum(0))  # renormalise after the cache's rounding
+        with torch.no_grad():  # vocab-major: logits are [V, T] (`vocab_major_logits`)
+            if flat_tl is not None:  # student logits; the cached teacher log-probs serve as its logits
+                z = head.vocab_major_logits(hn.detach(), logit_dtype)  # (their softmax renormalises them)
+                u = flat_tl[a:b].float().t().contiguous()
             else:  # student and teacher logits, in one matmul in the same dtype
                 both = head.vocab_major_logits(torch.cat([hn.detach(), head.norm(flat_fp[a:b])]), logit_dtype)
-                z, zt = both[:, : b - a], both[:, b - a :]
-                p = zt.sub_(torch.logsumexp(zt, dim=0)).exp_()  # teacher probabilities (in place)
-            lse = torch.logsumexp(z, dim=0)
-            pz = (p * z).sum(0)
-            ce = (lse - pz) * mc  # −Σ p·log q = lse − Σ p·z, since Σ p = 1
+                z, u = both[:, : b - a], both[:, b - a :]
+            terms = _vocab_terms(z, u, stats, (mc / n_valid) if backward else None, grad_dtype)
+            ce = terms.ce * mc
             total += float(ce.sum() / n_valid)
             if stats:
                 out.ce += float(ce.sum())
-                logp_dot_p = (p * torch.log(p.clamp_min(1e-38))).sum(0)
-                out.kl += float(((lse - pz + logp_dot_p) * mc).sum())
-                out.top1_agree += float(((p.argmax(0) == z.argmax(0)).float() * mc).sum())
+                out.kl += float((terms.kl * mc).sum())
+                out.top1_agree += float((terms.agree * mc).sum())
             if backward:
-                g = z.sub_(lse).exp_().sub_(p).mul_(mc / n_valid)  # softmax(z) − p, [V, T]
-                g_hn = (w_g.t() @ g.to(grad_dtype)).t().float()
+                g_hn = (w_g.t() @ terms.grad.to(grad_dtype)).t().float()
         if backward:
             hn.backward(g_hn)
     if backward:

@@ -74,3 +74,20 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     msg = str(e.value)
     assert "unsupported architecture 'gpt2'" in msg
     assert all(f in msg for f in SUPPORTED_FAMILIES)
+
+
+def test_package_names_resolve_lazily_without_recursion():
+    """`lfq_export.QuantizeOptions` etc. on a fresh interpreter: the lazy lookup once recursed
+    forever because `from . import quantize` asks the package for the name it is resolving."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lfq_export as L\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert L.QuantizeOptions.__name__ == 'QuantizeOptions'\n"
+        "assert callable(L.quantize.quantize) and callable(L.simulate.simulate)\n"
+        "assert L.QuantizedModel.__name__ == 'QuantizedModel'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

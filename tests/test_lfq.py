@@ -181,3 +181,47 @@ def test_run_records_the_compute_dtype_it_used(two_block_model, tinystories_text
 
     rec = _run(two_block_model, tmp_path / "d", tinystories_text, iters=2)
     assert rec.report["settings"]["compute_dtype"] == resolve_compute_dtype("auto", "cpu") != "auto"
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cached_teacher", [False, True])
+def test_fused_vocab_kernel_matches_the_eager_loss(monkeypatch, grad_dtype, cached_teacher):
+    """The C kernel over the vocabulary (`ce_kernel`) against the eager reference path: loss, gradient
+    and statistics, with padding, a chunk that splits the tokens unevenly and logits wide enough that
+    every thread gets columns."""
+    import lfq_export.lfq_loss as L
+    from lfq_export.ce_kernel import ce_kernel_available
+
+    assert ce_kernel_available(torch.zeros(2, 2)), "the vocabulary kernel did not compile (CI has a C compiler)"
+    head = _head(d=32, v=3001, seed=1)
+    head.weight.mul_(4)  # peaked distributions: large logits, exp underflow in the tail
+    w = torch.randn(32, 32)
+    x, hf = torch.randn(3, 50, 32), torch.randn(3, 50, 32)
+    mask = torch.ones(3, 50)
+    mask[1, 40:] = 0
+    tl = L.teacher_log_probs(head, hf) if cached_teacher else None
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(L, "ce_kernel_available", lambda *t: False)
+        wq = w.clone().requires_grad_(True)
+        loss, stats = chunked_soft_ce_backward(head, x @ wq, hf, mask, chunk_tokens=70, teacher_logp=tl,
+                                               grad_dtype=grad_dtype)
+        results.append((loss, stats.means(), wq.grad))
+    (lf, sf, gf), (le, se, ge) = results
+    assert abs(float(lf) - float(le)) < 1e-5 * abs(float(le)), (lf, le)
+    assert abs(sf["kl"] - se["kl"]) < 1e-4 * se["kl"] and sf["top1_agreement"] == se["top1_agreement"]
+    tol = 1e-5 if grad_dtype == torch.float32 else 1e-2  # bf16: the same rounding of a slightly different value
+    assert float((gf - ge).norm() / ge.norm()) < tol
+
+
+def test_fused_vocab_kernel_switch_off():
+    """LFQ_EXPORT_FUSED_CE=0 keeps the eager path."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch; from lfq_export.ce_kernel import ce_kernel_available as a; assert not a(torch.zeros(2, 2))"
+    env = {**os.environ, "LFQ_EXPORT_FUSED_CE": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -13,28 +13,19 @@ bit-identical to `grid.dequantize(grid.choose_codes(...))` (tests/test_gguf_grid
 every grid, tests/test_fused_quant.py across thread counts); the backward's per-group sums run in
 fixed partial sums, the same on every vector width.
 
-The C source is compiled on first use with the system's C compiler into ~/.cache/lfq-export/kernels
-(a second; keyed by the source and the CPU's flags) and called through ctypes, which releases the GIL,
-so the rows are split over torch's intra-op thread count. Without a compiler, on other devices, or
-with `LFQ_EXPORT_FUSED_QUANT=0`, `fake_quantize` uses the eager implementation: same values.
+Compiled on first use and called through ctypes (`lfq_export.ckernels`), the rows split over torch's
+intra-op thread count. Without a compiler, on other devices, or with `LFQ_EXPORT_FUSED_QUANT=0`,
+`fake_quantize` uses the eager implementation: same values.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from .. import ckernels
+from ..ckernels import ptr as _ptr
 
 __all__ = ["fused_available", "fused_forward", "fused_backward"]
 
@@ -139,66 +130,12 @@ void stq_backward(const float *restrict gr, const float *restrict w, const float
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fPIC", "-shared"]
-
-_lib: ctypes.CDLL | None = None
-_tried = False
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-def _cpu_key() -> str:
-    """What the compiled code depends on besides its source: the compiler flags and the CPU (-march=native)."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()} {flags} {' '.join(_FLAGS)}"
-
-
-def _compile() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        log.info("no C compiler: fake-quantization runs eagerly")
-        return None
-    from ..model_io import cache_root  # (lazy: model_io imports the grids)
-
-    digest = hashlib.sha256((_SOURCE + _cpu_key()).encode()).hexdigest()[:16]
-    cache = cache_root() / "kernels"
-    lib_path = cache / f"stq_{digest}.so"
-    if not lib_path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, out = Path(tmp) / "stq.c", Path(tmp) / "stq.so"
-            src.write_text(_SOURCE)
-            r = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if r.returncode != 0:
-                log.info("fused fake-quantization kernel did not compile (%s): eager fallback", r.stderr[-500:])
-                return None
-            os.replace(out, lib_path)  # atomic: a concurrent process sees the whole library or none
-    lib = ctypes.CDLL(str(lib_path))
+def _library():
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.stq_forward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, f32]
-    lib.stq_backward.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, f32]
-    lib.stq_forward.restype = lib.stq_backward.restype = None
-    return lib
-
-
-def _library() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("LFQ_EXPORT_FUSED_QUANT", "1") != "0":
-            try:
-                _lib = _compile()
-            except OSError as e:  # unwritable cache, a library that does not load...
-                log.info("fused fake-quantization unavailable (%s): eager fallback", e)
-                _lib = None
-    return _lib
+    return ckernels.load("stq", _SOURCE, {
+        "stq_forward": [p, p, p, p, p, p, i64, i64, i64, i64, f32],
+        "stq_backward": [p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, f32],
+    }, switch="LFQ_EXPORT_FUSED_QUANT")
 
 
 def fused_available(*tensors: torch.Tensor | None) -> bool:
@@ -207,27 +144,13 @@ def fused_available(*tensors: torch.Tensor | None) -> bool:
     return ok and _library() is not None
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _threads() -> int:
     return torch.get_num_threads()
 
 
 def _run_rows(fn, rows: int, pointers: tuple, shape: tuple) -> None:
-    """`fn(*pointers, row0, row1, *shape)` over row ranges, one per intra-op thread (ctypes drops the GIL)."""
-    global _pool, _pool_size
-    workers = max(1, min(_threads(), rows))
-    if workers == 1:
-        fn(*pointers, 0, rows, *shape)
-        return
-    if _pool is None or _pool_size < workers:
-        _pool, _pool_size = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lfq-stq"), workers
-    bounds = [rows * i // workers for i in range(workers + 1)]
-    futures = [_pool.submit(fn, *pointers, bounds[i], bounds[i + 1], *shape) for i in range(workers)]
-    for f in futures:
-        f.result()
+    """`fn(*pointers, row0, row1, *shape)` over row ranges, one per intra-op thread (rows are independent)."""
+    ckernels.run_split(fn, rows, pointers, shape, _threads())
 
 
 def fused_forward(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, divisor: torch.Tensor | None,
