@@ -294,6 +294,7 @@ class BlockRunner:
             learners[name] = method(lin.weight, grid, cfg).to(self.device)
             originals[rel] = lin
             _set_submodule(block, rel, QuantLinear(lin, learners[name]))
+        method.link(list(learners.values()))
         eval_idx = list(range(min(len(q_in), _EVAL_SAMPLES if head is None else _EVAL_SAMPLES_HEAD)))
         fraction = self.s.ce_token_fraction
         if head is not None and fraction is None:
@@ -349,6 +350,7 @@ class BlockRunner:
         # fused: one kernel per tensor instead of a dozen passes over FlexRound's S2 and Block-AP's weights
         # (as large as the block's weights)
         opt = torch.optim.AdamW(groups, weight_decay=cfg.wd, fused=True)
+        params = [p for g in groups for p in g["params"]]
         # cosine decay to lr/20 (EfficientQAT's schedule; FlexRound and OmniQuant use a similar one)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda it: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / max(cfg.iters, 1))))
@@ -387,6 +389,7 @@ class BlockRunner:
                 raise OptimisationError(
                     f"block {k}: the loss became {value} at iteration {it} (lower --lr or --final-lr)")
             opt.step()
+            torch.autograd.graph.increment_version(params)  # fused AdamW updates in place without bumping them
             opt.zero_grad(set_to_none=True)
             sched.step()
             losses.append(value)

@@ -56,9 +56,9 @@ static inline float exp_nonpos(float x) {
 /* Columns [c0, c1) of z and u ([V, T], rows ldz and ldu floats apart): per column t,
    lse_z = log sum exp z, lse_u = log sum exp u, pz = sum p z, pu = sum p u (p = softmax(u)),
    and (arg != 0) the first argmax of each. */
-void ce_columns(const float *restrict z, const float *restrict u, int64_t c0, int64_t c1, int64_t V,
-                int64_t ldz, int64_t ldu, float *restrict lse_z, float *restrict lse_u, float *restrict pz, float *restrict pu,
-                int64_t *restrict arg_z, int64_t *restrict arg_u) {
+static void columns(const float *restrict z, const float *restrict u, int64_t c0, int64_t c1, int64_t V,
+                    int64_t ldz, int64_t ldu, float *restrict lse_z, float *restrict lse_u, float *restrict pz,
+                    float *restrict pu, int64_t *restrict arg_z, int64_t *restrict arg_u) {
     for (int64_t t0 = c0; t0 < c1; t0 += TILE) {
         const int64_t w = c1 - t0 < TILE ? c1 - t0 : TILE;
         float mz[TILE], mu[TILE];
@@ -102,11 +102,11 @@ static inline uint16_t to_bf16(float x) {  /* round to nearest even, as torch's 
     return (uint16_t)((b.u + 0x7FFFu + ((b.u >> 16) & 1u)) >> 16);
 }
 
-/* Rows [r0, r1) (g is [V, T] contiguous): g[v, t] = (exp(z - lse_z[t]) - exp(u - lse_u[t])) * scale[t], as fp32 (bf16 == 0)
-   or bf16 (bf16 != 0). */
-void ce_gap(const float *restrict z, const float *restrict u, const float *restrict lse_z,
-            const float *restrict lse_u, const float *restrict scale, void *restrict g, int64_t bf16,
-            int64_t r0, int64_t r1, int64_t T, int64_t ldz, int64_t ldu) {
+/* Rows [r0, r1) (g is [V, T] contiguous): g[v, t] = (exp(z - lse_z[t]) - exp(u - lse_u[t])) * scale[t], as fp32
+   (bf16 == 0) or bf16 (bf16 != 0). */
+static void gap_rows(const float *restrict z, const float *restrict u, const float *restrict lse_z,
+                     const float *restrict lse_u, const float *restrict scale, void *restrict g, int64_t bf16,
+                     int64_t r0, int64_t r1, int64_t T, int64_t ldz, int64_t ldu) {
     float row[TILE];
     for (int64_t v = r0; v < r1; v++) {
         for (int64_t t0 = 0; t0 < T; t0 += TILE) {
@@ -123,13 +123,25 @@ void ce_gap(const float *restrict z, const float *restrict u, const float *restr
         }
     }
 }
+
+/* the per-column terms of T columns (split over threads by columns: each column is one thread's) */
+void ce_columns(const float *z, const float *u, int64_t V, int64_t T, int64_t ldz, int64_t ldu, float *lse_z,
+                float *lse_u, float *pz, float *pu, int64_t *arg_z, int64_t *arg_u, int64_t nthreads) {
+    FOR_SLICES(T, nthreads, c0, c1, columns(z, u, c0, c1, V, ldz, ldu, lse_z, lse_u, pz, pu, arg_z, arg_u);)
+}
+
+/* the gradient of V rows (split over threads by rows) */
+void ce_gap(const float *z, const float *u, const float *lse_z, const float *lse_u, const float *scale, void *g,
+            int64_t bf16, int64_t V, int64_t T, int64_t ldz, int64_t ldu, int64_t nthreads) {
+    FOR_SLICES(V, nthreads, r0, r1, gap_rows(z, u, lse_z, lse_u, scale, g, bf16, r0, r1, T, ldz, ldu);)
+}
 """
 
 
 def _library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     return ckernels.load("softce", _SOURCE, {
-        "ce_columns": [p, p, i64, i64, i64, i64, i64, p, p, p, p, p, p],
+        "ce_columns": [p, p, i64, i64, i64, i64, p, p, p, p, p, p, i64],
         "ce_gap": [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64],
     }, switch="LFQ_EXPORT_FUSED_CE")
 
@@ -149,8 +161,8 @@ def column_terms(z: torch.Tensor, u: torch.Tensor, argmax: bool = False):
     lse_z, lse_u, pz, pu = (torch.empty(T) for _ in range(4))
     arg_z = torch.empty(T, dtype=torch.int64) if argmax else None
     arg_u = torch.empty(T, dtype=torch.int64) if argmax else None
-    ckernels.run_split(_library().ce_columns, T, (ptr(z), ptr(u)), (V, z.stride(0), u.stride(0), ptr(lse_z), ptr(lse_u), ptr(pz), ptr(pu),
-                       ptr(arg_z), ptr(arg_u)), torch.get_num_threads())
+    _library().ce_columns(ptr(z), ptr(u), V, T, z.stride(0), u.stride(0), ptr(lse_z), ptr(lse_u), ptr(pz), ptr(pu),
+                          ptr(arg_z), ptr(arg_u), torch.get_num_threads())
     return lse_z, lse_u, pz, pu, arg_z, arg_u
 
 
@@ -162,7 +174,6 @@ def softmax_gap(z: torch.Tensor, u: torch.Tensor, lse_z: torch.Tensor, lse_u: to
     V, T = z.shape
     g = torch.empty(V, T, dtype=dtype)
     scale = scale.to(torch.float32).contiguous()
-    ckernels.run_split(_library().ce_gap, V, (ptr(z), ptr(u), ptr(lse_z), ptr(lse_u), ptr(scale), ptr(g),
-                                                int(dtype == torch.bfloat16)), (T, z.stride(0), u.stride(0)),
-                       torch.get_num_threads())
+    _library().ce_gap(ptr(z), ptr(u), ptr(lse_z), ptr(lse_u), ptr(scale), ptr(g), int(dtype == torch.bfloat16), V, T,
+                      z.stride(0), u.stride(0), torch.get_num_threads())
     return g

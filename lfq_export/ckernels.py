@@ -1,11 +1,16 @@
 """Small C kernels compiled on first use and called through ctypes.
 
-Two hot loops of the optimiser are a dozen memory passes each in eager torch and one or two in C: the
+Two hot loops of the optimiser are a dozen memory passes each in eager torch and one to three in C: the
 straight-through fake-quantization (`grids.fused`) and the LFQ soft cross-entropy over the vocabulary
 (`ce_kernel`). Each source is compiled with the system's C compiler into ~/.cache/lfq-export/kernels
 (about a second; the library's name is a digest of the source, the flags and the CPU's feature flags,
-since it is built with -march=native) and loaded once. ctypes releases the GIL during a call, so work
-is split over torch's intra-op thread count with a shared thread pool.
+since it is built with -march=native) and loaded once.
+
+Threads: the kernels split their work with OpenMP (`FOR_SLICES`, static slices of rows or columns whose
+results do not depend on the split). Built with -fopenmp, the library binds to the OpenMP runtime torch
+has already loaded (`libgomp.so.1`), so the kernels run on torch's own intra-op threads; a Python thread
+pool beside torch's spinning OpenMP workers made the same kernel several times slower inside a training
+step than alone. Without OpenMP support the slices run one after another.
 
 No fast-math and no floating-point contraction: every kernel does its fp32 operations in a fixed,
 documented order, the same on every vector width. Without a compiler, on an unwritable cache, or with
@@ -22,21 +27,29 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load", "run_split", "ptr"]
+__all__ = ["load", "ptr"]
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fPIC", "-shared"]
 
+#: prepended to every kernel: `FOR_SLICES(n, nthreads, i0, i1, body)` runs `body` for `nthreads` static slices
+#: [i0, i1) of [0, n), one per OpenMP thread
+PRELUDE = r"""
+#include <stdint.h>
+#define FOR_SLICES(n, nthreads, i0, i1, ...) \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)") \
+    for (int64_t _slice = 0; _slice < (nthreads); _slice++) { \
+        const int64_t i0 = (n) * _slice / (nthreads), i1 = (n) * (_slice + 1) / (nthreads); \
+        __VA_ARGS__ \
+    }
+"""
+
 _loaded: dict[str, ctypes.CDLL | None] = {}
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 
 
 def _cpu_key() -> str:
@@ -59,6 +72,7 @@ def _compile(name: str, source: str) -> Path | None:
         return None
     from .model_io import cache_root  # (lazy: model_io imports the grids, which import this)
 
+    source = PRELUDE + source
     digest = hashlib.sha256((source + _cpu_key()).encode()).hexdigest()[:16]
     cache = cache_root() / "kernels"
     lib_path = cache / f"{name}_{digest}.so"
@@ -67,7 +81,10 @@ def _compile(name: str, source: str) -> Path | None:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
             src.write_text(source)
-            r = subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
+            r = subprocess.run([cc, *FLAGS, "-fopenmp", str(src), "-o", str(out), "-lm"], capture_output=True,
+                               text=True)
+            if r.returncode != 0:  # a compiler without OpenMP: the slices run in turn
+                r = subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
             if r.returncode != 0:
                 log.info("kernel %s did not compile (%s): eager fallback", name, r.stderr[-500:])
                 return None
@@ -97,19 +114,3 @@ def load(name: str, source: str, signatures: dict[str, list], switch: str) -> ct
 
 def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def run_split(fn: Callable, n: int, pointers: tuple, shape: tuple, threads: int) -> None:
-    """`fn(*pointers, i0, i1, *shape)` over `threads` contiguous ranges of `range(n)` (one call per thread;
-    ctypes drops the GIL). Kernels only split work whose result does not depend on the split."""
-    global _pool, _pool_size
-    workers = max(1, min(threads, n))
-    if workers == 1:
-        fn(*pointers, 0, n, *shape)
-        return
-    if _pool is None or _pool_size < workers:
-        _pool, _pool_size = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lfq-kernel"), workers
-    bounds = [n * i // workers for i in range(workers + 1)]
-    futures = [_pool.submit(fn, *pointers, bounds[i], bounds[i + 1], *shape) for i in range(workers)]
-    for f in futures:
-        f.result()

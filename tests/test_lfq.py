@@ -225,3 +225,43 @@ def test_fused_vocab_kernel_switch_off():
     env = {**os.environ, "LFQ_EXPORT_FUSED_CE": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_omniquant_bank_trains_exactly_like_separate_learners():
+    """Linked OmniQuant learners (one clipping computation per grid and group count) give the same values,
+    gradients and AdamW trajectory, bit for bit, as each learner computing its own parameters."""
+    from lfq_export.methods.learners import OmniQuantLWC
+
+    torch.manual_seed(0)
+    grid = AffineGrid(3, 32)
+    shapes = [(48, 64), (16, 64), (16, 64), (64, 128)]  # three share (grid, groups), one does not
+    weights = [torch.randn(*s) for s in shapes]
+    x = [torch.randn(5, s[1]) for s in shapes]
+    cfg = MethodConfig(iters=4, lr=5e-2)
+
+    def train(linked: bool):
+        learners = [OmniQuantLWC(w, grid, cfg) for w in weights]
+        if linked:
+            OmniQuantLWC.link(learners)
+        groups = [g for lrn in learners for g in lrn.param_groups(cfg)]
+        opt = torch.optim.AdamW(groups, weight_decay=0.0, fused=True)
+        trace = []
+        for _ in range(cfg.iters):
+            loss = sum((xi @ lrn.fake_weight().t()).square().mean() for xi, lrn in zip(x, learners))
+            loss.backward()
+            trace.append([lrn.gamma_logit.grad.clone() for lrn in learners])
+            opt.step()
+            torch.autograd.graph.increment_version([p for g in groups for p in g["params"]])  # as the engine
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            trace.append([lrn.fake_weight() for lrn in learners])
+        return learners, trace
+
+    separate, t_sep = train(False)
+    linked, t_link = train(True)
+    assert linked[0].__dict__.get("_bank") is linked[1].__dict__.get("_bank") is not None
+    assert linked[3].__dict__.get("_bank") is None  # alone in its group
+    for a, b in zip(t_sep, t_link):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for a, b in zip(separate, linked):
+        assert torch.equal(a.finalize()[0], b.finalize()[0])

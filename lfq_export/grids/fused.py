@@ -59,9 +59,11 @@ static inline void fwd_rows(const float *restrict w, const float *restrict d, in
 }
 
 void stq_forward(const float *w, const float *d, const float *s, const float *z, float *value, float *codes,
-                 int64_t row0, int64_t row1, int64_t ng, int64_t g, float qmax) {
-    if (d) fwd_rows(w, d, 1, s, z, value, codes, row0, row1, ng, g, qmax);
-    else fwd_rows(w, d, 0, s, z, value, codes, row0, row1, ng, g, qmax);
+                 int64_t rows, int64_t ng, int64_t g, float qmax, int64_t nthreads) {
+    FOR_SLICES(rows, nthreads, row0, row1, {
+        if (d) fwd_rows(w, d, 1, s, z, value, codes, row0, row1, ng, g, qmax);
+        else fwd_rows(w, d, 0, s, z, value, codes, row0, row1, ng, g, qmax);
+    })
 }
 
 #define CHUNK 256
@@ -124,17 +126,19 @@ static inline void bwd_rows(const float *restrict gr, const float *restrict w, c
 void stq_backward(const float *restrict gr, const float *restrict w, const float *restrict d,
                   const float *restrict s, const float *restrict z, float *restrict grad_w,
                   float *restrict grad_d, float *restrict grad_s, float *restrict grad_z,
-                  int64_t row0, int64_t row1, int64_t ng, int64_t g, float qmax) {
-    if (d) bwd_rows(gr, w, d, 1, s, z, grad_w, grad_d, grad_s, grad_z, row0, row1, ng, g, qmax);
-    else bwd_rows(gr, w, d, 0, s, z, grad_w, grad_d, grad_s, grad_z, row0, row1, ng, g, qmax);
+                  int64_t rows, int64_t ng, int64_t g, float qmax, int64_t nthreads) {
+    FOR_SLICES(rows, nthreads, row0, row1, {
+        if (d) bwd_rows(gr, w, d, 1, s, z, grad_w, grad_d, grad_s, grad_z, row0, row1, ng, g, qmax);
+        else bwd_rows(gr, w, d, 0, s, z, grad_w, grad_d, grad_s, grad_z, row0, row1, ng, g, qmax);
+    })
 }
 """
 
 def _library():
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     return ckernels.load("stq", _SOURCE, {
-        "stq_forward": [p, p, p, p, p, p, i64, i64, i64, i64, f32],
-        "stq_backward": [p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, f32],
+        "stq_forward": [p, p, p, p, p, p, i64, i64, i64, f32, i64],
+        "stq_backward": [p, p, p, p, p, p, p, p, p, i64, i64, i64, f32, i64],
     }, switch="LFQ_EXPORT_FUSED_QUANT")
 
 
@@ -148,11 +152,6 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _run_rows(fn, rows: int, pointers: tuple, shape: tuple) -> None:
-    """`fn(*pointers, row0, row1, *shape)` over row ranges, one per intra-op thread (rows are independent)."""
-    ckernels.run_split(fn, rows, pointers, shape, _threads())
-
-
 def fused_forward(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, divisor: torch.Tensor | None,
                   qmax: int, affine_value: bool) -> torch.Tensor:
     """`[out, in]` float32: the value `s·(q − z)` if `affine_value`, else the codes `q` as floats.
@@ -161,8 +160,8 @@ def fused_forward(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, divisor: to
     ng = s.shape[-1]
     result = torch.empty_like(w)
     value, codes = (result, None) if affine_value else (None, result)
-    _run_rows(_library().stq_forward, out, (_ptr(w), _ptr(divisor), _ptr(s), _ptr(z), _ptr(value), _ptr(codes)),
-              (ng, inn // ng, float(qmax)))
+    _library().stq_forward(_ptr(w), _ptr(divisor), _ptr(s), _ptr(z), _ptr(value), _ptr(codes), out, ng, inn // ng,
+                           float(qmax), _threads())
     return result
 
 
@@ -176,7 +175,6 @@ def fused_backward(grad: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torc
     gw = torch.empty_like(w)  # the kernel always writes every gradient (a branch-free loop)
     gd = None if divisor is None else torch.empty_like(w)
     gs, gz = torch.empty_like(s), torch.empty_like(s)
-    _run_rows(_library().stq_backward, out,
-              (_ptr(grad), _ptr(w), _ptr(divisor), _ptr(s), _ptr(z), _ptr(gw), _ptr(gd), _ptr(gs), _ptr(gz)),
-              (ng, inn // ng, float(qmax)))
+    _library().stq_backward(_ptr(grad), _ptr(w), _ptr(divisor), _ptr(s), _ptr(z), _ptr(gw), _ptr(gd), _ptr(gs),
+                            _ptr(gz), out, ng, inn // ng, float(qmax), _threads())
     return gw if need_w else None, gd if need_d else None, gs if need_s else None, gz if need_z else None

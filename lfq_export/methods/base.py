@@ -68,6 +68,10 @@ class LinearQuantizer(nn.Module, ABC):
         out, inn = self.w_fp.shape
         return codes.to(torch.uint8), self.grid.to_storage(params, out, inn)
 
+    @classmethod
+    def link(cls, learners: list[LinearQuantizer]) -> None:
+        """Let the learners of one block share work (called once, after they are built). Default: none."""
+
     def source_weight(self) -> torch.Tensor:
         """The weight codes are chosen from (Block-AP learns it; others use the FP weight)."""
         return self.w_fp
