@@ -62,6 +62,7 @@ class OmniQuantLWC(LinearQuantizer):
         gamma0, beta0 = self._initial_clipping(grid)
         self.gamma_logit = nn.Parameter(torch.logit(gamma0))
         self.beta_logit = nn.Parameter(torch.logit(beta0))
+        self._bank: _ClippingBank | None = None  # set by `link` (a plain reference, not a submodule)
 
     def _initial_clipping(self, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
         """Start from the clipping implied by the grid's searched RTN parameters rather than OmniQuant's
@@ -76,9 +77,8 @@ class OmniQuantLWC(LinearQuantizer):
         return gamma.clamp(0.05, _LWC_MAX), beta.clamp(0.05, _LWC_MAX)
 
     def current_params(self) -> Params:
-        bank = self.__dict__.get("_bank")
-        if bank is not None:
-            return bank.params_of(self)
+        if self._bank is not None:
+            return self._bank.params_of(self)
         return _clipped_params(self.grid, self.gamma_logit, self.beta_logit, self.wmax, self.wmin)
 
     def fake_weight(self) -> torch.Tensor:
@@ -97,7 +97,7 @@ class OmniQuantLWC(LinearQuantizer):
             if len(members) > 1:
                 bank = _ClippingBank(members)
                 for lrn in members:
-                    lrn.__dict__["_bank"] = bank  # a plain reference, not a submodule
+                    lrn._bank = bank
 
 
 def _clipped_params(grid: Grid, gamma_logit: torch.Tensor, beta_logit: torch.Tensor, wmax: torch.Tensor,
@@ -114,8 +114,9 @@ class _ClippingBank:
     Each learner keeps its own `nn.Parameter`s (the optimiser is unchanged); per step the bank
     concatenates them, computes every group's parameters once and hands each learner its rows. The result
     is cached until a parameter changes (its version counter: the optimiser loop bumps it, since fused AdamW
-    does not) or the grad mode does, so the 6 learners of a block share one computation per forward. Grids are row-wise (no group spans two rows), so the stacked
-    computation is the per-learner one, element for element."""
+    does not) or the grad mode does, so the 6 learners of a block share one computation per forward. Grids
+    are row-wise (no group spans two rows), so the stacked computation is the per-learner one, element for
+    element."""
 
     def __init__(self, members: list[OmniQuantLWC]):
         self.members = members
