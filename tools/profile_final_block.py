@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import torch
 
-    from lfq_export.activations import ActivationStore
+    from blockdata import block_inputs, fp_output
     from lfq_export.blockwise import BlockRunner, _layer_kwargs
     from lfq_export.quantize import QuantizeOptions, model_shapes
     from lfq_export.calibration import load_calibration, parse_calib
@@ -73,14 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     model = src.load_model()
     hidden = int(src.config.hidden_size)
 
-    def inputs(net, rows: range) -> dict[int, ActivationStore]:
-        stores = {k: ActivationStore((len(rows), a.seqlen, hidden), torch.float32, None) for k in (n - 2, n - 1)}
-        with torch.no_grad():
-            for j, i in enumerate(rows):
-                hs = net(ids[i : i + 1], output_hidden_states=True).hidden_states  # hs[k] = input of block k
-                for k, store in stores.items():
-                    store.set(slice(j, j + 1), hs[k])
-        return stores
+    def inputs(net, rows: range):
+        return block_inputs(net, ids, rows, (n - 2, n - 1), hidden)
 
     rows_train, rows_held = range(a.nsamples), range(a.nsamples, a.nsamples + a.heldout)
     fp_train, fp_held = inputs(model, rows_train), inputs(model, rows_held)  # the targets' inputs
@@ -105,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         k = n - 2 if name == "mse" else n - 1
         kw = _layer_kwargs(src, skeleton, runner._embedding(skeleton), a.seqlen)[k]
         block = runner._fp_block(skeleton, k)
-        target, held_target = (_fp_output(block, kw, s[k]) for s in (fp_train, fp_held))
+        target, held_target = (fp_output(block, kw, s[k]) for s in (fp_train, fp_held))
         head = runner._logit_head(skeleton) if k == n - 1 else None
         grids = plan.block_grids(src.adapter.block_prefix(k))
         t = time.perf_counter()
@@ -158,19 +152,6 @@ def _fraction_label(variant: str, fraction: float | None, src) -> str:
     head = src.tensor(f"{src.adapter.lm_head}.weight" if f"{src.adapter.lm_head}.weight" in src.weight_map
                       else f"{src.adapter.embedding}.weight").numel()
     return f"auto ({auto_token_fraction(block, head):.1%})"
-
-
-def _fp_output(block, kw, store):
-    """The FP block's outputs on `store`, as a new store (the training target)."""
-    import torch
-
-    from lfq_export.activations import ActivationStore
-
-    out = ActivationStore(store.shape, torch.float32, None)
-    with torch.no_grad():
-        for i in range(len(store)):
-            out.set(slice(i, i + 1), block(store.get(slice(i, i + 1)), **kw))
-    return out
 
 
 if __name__ == "__main__":
