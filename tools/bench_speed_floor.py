@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     skeleton = src.skeleton()
     kw = _layer_kwargs(src, skeleton, runner._embedding(skeleton), a.seqlen)[k]
     plan = plan_quantization(a.scheme, SchemeContext(src.adapter, src.config, model_shapes(src)), (), True)
-    grids = plan.block_grids(src.adapter.block_prefix(k))
     prefix = src.adapter.block_prefix(k)
+    grids = plan.block_grids(prefix)
     cfg = runner.s.block_cfg
 
     def copy(store: ActivationStore) -> ActivationStore:
